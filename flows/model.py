@@ -1,0 +1,458 @@
+"""The data model: input events, profiles and the three outputs, as frozen dataclasses.
+
+Times are integer epoch milliseconds (UTC) everywhere inside the engine; they become
+UTC-aware :class:`datetime` objects or RFC 3339 strings only at the edges.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias
+
+from flows.codec import DecodeError, json_loads, unpack
+
+__all__ = [
+    "CLICK_ACTIONS",
+    "Alert",
+    "CallsEvent",
+    "ClickEvent",
+    "DeadLetter",
+    "Envelope",
+    "Event",
+    "Limits",
+    "LocationEvent",
+    "Profile",
+    "Push",
+    "RawRecord",
+    "decode_record",
+    "ms_to_datetime",
+    "ms_to_rfc3339",
+    "profile_from_dict",
+    "stable_id",
+]
+
+CLICK_ACTIONS: Final = frozenset(
+    {
+        "session_start",
+        "module_enter",
+        "step_enter",
+        "step_exit",
+        "help",
+        "demo_play",
+        "order",
+        "rate",
+        "session_end",
+    }
+)
+STEP_ACTIONS: Final = frozenset({"step_enter", "step_exit"})
+
+# 2000-01-01T00:00:00Z .. 2100-01-01T00:00:00Z: anything outside is not a real event time.
+MIN_TS_MS: Final = 946_684_800_000
+MAX_TS_MS: Final = 4_102_444_800_000
+
+Format: TypeAlias = Literal["json", "msgpack"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Input limits; a message beyond any of them is a dead letter, never a crash."""
+
+    max_message_bytes: int = 65_536
+    max_customer_id_len: int = 64
+    max_field_len: int = 128
+    max_attrs_bytes: int = 4_096
+    max_attrs_keys: int = 32
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One undecoded message as a source read it.
+
+    ``pos`` orders records of one source (line number, or a Kafka offset); ``key`` is
+    the message key where the transport has one.
+    """
+
+    source: str
+    pos: int
+    value: bytes
+    key: bytes | None = None
+    fmt: Format = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class ClickEvent:
+    """A terminal click: session, module, step, help, demo, order, rating."""
+
+    customer_id: str
+    ts: int
+    event_id: str | None
+    terminal_id: str
+    hall_id: str
+    action: str
+    module: str | None
+    step: str | None
+    attrs: dict[str, Any] | None = None
+
+    type: Final[str] = field(default="click", init=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LocationEvent:
+    """A network location signal: the phone seen in a cell that maps to a place."""
+
+    customer_id: str
+    ts: int
+    event_id: str | None
+    cell_id: str
+    poi: str | None
+    poi_id: str | None = None
+
+    type: Final[str] = field(default="location", init=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CallsEvent:
+    """A network call-volume record for one interval."""
+
+    customer_id: str
+    ts: int
+    event_id: str | None
+    interval_s: int
+    calls_in: int
+    calls_out: int
+    missed: int
+
+    type: Final[str] = field(default="calls", init=False, repr=False)
+
+
+Event: TypeAlias = ClickEvent | LocationEvent | CallsEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded event with where it came from and its idempotency key.
+
+    ``key`` is the event's ``event_id`` when it has one, else a hash of its bytes,
+    so the same message always yields the same push and alert ids.
+    """
+
+    event: Event
+    key: str
+    source: str
+    pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be used, with the reason and its original bytes."""
+
+    reason: str
+    detail: str
+    raw: bytes
+    source: str
+    pos: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dead letter as written to the dead-letter output."""
+        try:
+            text: str = self.raw.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            text = base64.b64encode(self.raw).decode("ascii")
+            encoding = "base64"
+        return {
+            "reason": self.reason,
+            "detail": self.detail,
+            "raw": text,
+            "raw_encoding": encoding,
+            "source": self.source,
+            "pos": self.pos,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The VGOP side of a customer. A missing profile is the empty profile."""
+
+    customer_id: str
+    subscriptions: frozenset[str] = frozenset()
+    configured: frozenset[str] = frozenset()
+    handset: str | None = None
+    segment: str | None = None
+    prefs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    opt_out: bool = False
+    trials: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as JSON-ready data (the JSONL and Redis layout)."""
+        return {
+            "customer_id": self.customer_id,
+            "subscriptions": sorted(self.subscriptions),
+            "configured": sorted(self.configured),
+            "handset": self.handset,
+            "segment": self.segment,
+            "prefs": {k: list(v) for k, v in sorted(self.prefs.items())},
+            "opt_out": self.opt_out,
+            "trials": dict(sorted(self.trials.items())),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Content for one terminal or customer channel, with its idempotency key."""
+
+    push_id: str
+    customer_id: str
+    channel: str
+    rule_id: str
+    rule_version: int
+    content: dict[str, Any]
+    event_ts: int
+    reason: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The push as delivered (JSON-ready)."""
+        return {
+            "push_id": self.push_id,
+            "customer_id": self.customer_id,
+            "channel": self.channel,
+            "rule_id": self.rule_id,
+            "rule_version": self.rule_version,
+            "content": self.content,
+            "event_ts": self.event_ts,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert for operations; serialised as a CloudEvents 1.0 structured event."""
+
+    id: str
+    type: str
+    source: str
+    time_ms: int
+    subject: str
+    data: dict[str, Any]
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        """The CloudEvents 1.0 structured JSON object."""
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": ms_to_rfc3339(self.time_ms),
+            "subject": self.subject,
+            "datacontenttype": "application/json",
+            "data": self.data,
+        }
+
+
+def stable_id(*parts: object) -> str:
+    """A deterministic 32-hex-digit id from its parts (the idempotency keys)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(str(p).encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Epoch milliseconds to a UTC-aware datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def ms_to_rfc3339(ms: int) -> str:
+    """Epoch milliseconds to RFC 3339 with millisecond precision and a ``Z``."""
+    return ms_to_datetime(ms).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+# --- decoding -------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _str(doc: dict[str, Any], name: str, limit: int, *, required: bool = True) -> str | None:
+    v = doc.get(name)
+    if v is None:
+        if required:
+            raise _Bad("missing_field", f"{name} is required")
+        return None
+    if type(v) is not str:
+        raise _Bad("wrong_type", f"{name} must be a string")
+    if not v:
+        raise _Bad("invalid_value", f"{name} must not be empty")
+    if len(v) > limit:
+        raise _Bad("too_large", f"{name} is longer than {limit} characters")
+    return v
+
+
+def _int(doc: dict[str, Any], name: str) -> int:
+    v = doc.get(name)
+    if v is None:
+        raise _Bad("missing_field", f"{name} is required")
+    if type(v) is not int:
+        raise _Bad("wrong_type", f"{name} must be an integer")
+    if v < 0 or v > 1_000_000_000:
+        raise _Bad("invalid_value", f"{name} is out of range")
+    return v
+
+
+def _decode_doc(doc: Any, limits: Limits) -> Event:
+    if type(doc) is not dict:
+        raise _Bad("not_an_object", "the message is not a JSON object")
+    typ = doc.get("type")
+    customer_id = _str(doc, "customer_id", limits.max_customer_id_len)
+    assert customer_id is not None
+    ts = doc.get("ts")
+    if ts is None:
+        raise _Bad("missing_field", "ts is required")
+    if type(ts) is not int:
+        raise _Bad("wrong_type", "ts must be integer epoch milliseconds")
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        raise _Bad("ts_out_of_range", "ts is not between 2000 and 2100")
+    event_id = _str(doc, "event_id", limits.max_field_len, required=False)
+    if typ == "click":
+        action = _str(doc, "action", limits.max_field_len)
+        if action not in CLICK_ACTIONS:
+            raise _Bad("invalid_value", "action is not a known click action")
+        module = _str(doc, "module", limits.max_field_len, required=action != "session_start"
+                      and action != "session_end")
+        step = _str(doc, "step", limits.max_field_len, required=action in STEP_ACTIONS)
+        attrs = doc.get("attrs")
+        if attrs is not None:
+            if type(attrs) is not dict:
+                raise _Bad("wrong_type", "attrs must be an object")
+            if len(attrs) > limits.max_attrs_keys:
+                raise _Bad("too_large", f"attrs has more than {limits.max_attrs_keys} keys")
+        return ClickEvent(
+            customer_id,
+            ts,
+            event_id,
+            _str(doc, "terminal_id", limits.max_field_len),  # type: ignore[arg-type]
+            _str(doc, "hall_id", limits.max_field_len),  # type: ignore[arg-type]
+            action,  # type: ignore[arg-type]
+            module,
+            step,
+            attrs,
+        )
+    if typ == "location":
+        return LocationEvent(
+            customer_id,
+            ts,
+            event_id,
+            _str(doc, "cell_id", limits.max_field_len),  # type: ignore[arg-type]
+            _str(doc, "poi", limits.max_field_len, required=False),
+            _str(doc, "poi_id", limits.max_field_len, required=False),
+        )
+    if typ == "calls":
+        interval_s = _int(doc, "interval_s")
+        if interval_s == 0:
+            raise _Bad("invalid_value", "interval_s must be positive")
+        return CallsEvent(
+            customer_id,
+            ts,
+            event_id,
+            interval_s,
+            _int(doc, "calls_in"),
+            _int(doc, "calls_out"),
+            _int(doc, "missed"),
+        )
+    if typ is None:
+        raise _Bad("missing_field", "type is required")
+    raise _Bad("unknown_type", "type must be click, location or calls")
+
+
+def decode_record(rec: RawRecord, limits: Limits = DEFAULT_LIMITS) -> Envelope | DeadLetter:
+    """Decode one raw record into an :class:`Envelope`, or say why it is a dead letter."""
+    value = rec.value
+    if len(value) > limits.max_message_bytes:
+        return DeadLetter("too_large", f"message is larger than {limits.max_message_bytes} bytes",
+                          value, rec.source, rec.pos)
+    try:
+        doc = json_loads(value) if rec.fmt == "json" else unpack(value)
+    except DecodeError as exc:
+        reason = "invalid_json" if rec.fmt == "json" else "invalid_msgpack"
+        return DeadLetter(reason, str(exc), value, rec.source, rec.pos)
+    except RecursionError:
+        return DeadLetter("too_large", "message is nested too deeply", value, rec.source, rec.pos)
+    try:
+        event = _decode_doc(doc, limits)
+        attrs = getattr(event, "attrs", None)
+        if attrs is not None and len(value) > limits.max_attrs_bytes:
+            # Only measure attrs when the whole message could exceed the bound.
+            from flows.codec import EncodeError, json_dumps
+
+            try:
+                size = len(json_dumps(attrs))
+            except EncodeError as exc:
+                raise _Bad("wrong_type", f"attrs cannot be encoded: {exc}") from exc
+            if size > limits.max_attrs_bytes:
+                raise _Bad("too_large", f"attrs is larger than {limits.max_attrs_bytes} bytes")
+    except _Bad as bad:
+        return DeadLetter(bad.reason, bad.detail, value, rec.source, rec.pos)
+    if rec.key is not None and rec.key != event.customer_id.encode("utf-8"):
+        return DeadLetter("key_mismatch", "message key differs from customer_id", value,
+                          rec.source, rec.pos)
+    key = event.event_id or hashlib.blake2b(value, digest_size=12).hexdigest()
+    return Envelope(event, key, rec.source, rec.pos)
+
+
+# --- profiles ---------------------------------------------------------------------
+
+
+def _str_list(v: Any, name: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{name} must be a list of strings")
+    return tuple(v)
+
+
+def profile_from_dict(doc: Any) -> Profile:
+    """Validate one profile document; raise ValueError naming the bad field."""
+    if not isinstance(doc, dict):
+        raise ValueError("a profile must be a JSON object")
+    cid = doc.get("customer_id")
+    if not isinstance(cid, str) or not cid or len(cid) > DEFAULT_LIMITS.max_customer_id_len:
+        raise ValueError("customer_id must be a non-empty string of at most 64 characters")
+    prefs_raw = doc.get("prefs") or {}
+    if not isinstance(prefs_raw, dict):
+        raise ValueError("prefs must be an object")
+    prefs = {str(k): _str_list(v, f"prefs.{k}") for k, v in prefs_raw.items()}
+    trials_raw = doc.get("trials") or {}
+    if not isinstance(trials_raw, dict) or not all(
+        type(v) is int for v in trials_raw.values()
+    ):
+        raise ValueError("trials must map service codes to epoch milliseconds")
+    handset = doc.get("handset")
+    segment = doc.get("segment")
+    if handset is not None and not isinstance(handset, str):
+        raise ValueError("handset must be a string")
+    if segment is not None and not isinstance(segment, str):
+        raise ValueError("segment must be a string")
+    opt_out = doc.get("opt_out", False)
+    if not isinstance(opt_out, bool):
+        raise ValueError("opt_out must be a boolean")
+    return Profile(
+        customer_id=cid,
+        subscriptions=frozenset(_str_list(doc.get("subscriptions"), "subscriptions")),
+        configured=frozenset(_str_list(doc.get("configured"), "configured")),
+        handset=handset,
+        segment=segment,
+        prefs=prefs,
+        opt_out=opt_out,
+        trials=dict(trials_raw),
+    )

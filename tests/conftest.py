@@ -1,0 +1,3 @@
+"""Shared test configuration; real-server fixtures live in tests/fixtures/."""
+
+pytest_plugins = ["tests.fixtures.servers"]
