@@ -1,0 +1,157 @@
+"""The one frozen settings object, built only at the entry point and passed down.
+
+Sources, highest priority first: command-line flags (passed as init values), the
+environment (``TOUCHSTREAM_`` prefix, ``__`` between nested names, e.g.
+``TOUCHSTREAM_KAFKA__BROKERS``), a TOML file (``--config`` or ``TOUCHSTREAM_CONFIG``),
+then the defaults below. Nothing under ``flows/`` logic or ``state/`` reads the
+environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "EngineSettings",
+    "KafkaSettings",
+    "RedisSettings",
+    "Settings",
+    "WebhookTarget",
+    "load_settings",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineSettings(BaseModel):
+    """How the dataflow runs."""
+
+    model_config = _FROZEN
+
+    shards: int = Field(64, ge=1, le=4096, description="keyed state shards (customer hash)")
+    allowed_lateness_s: float = Field(300.0, ge=0, description="event-time lateness accepted")
+    tick_interval_s: float = Field(
+        30.0, gt=0, description="replay: event-time step between watermark ticks"
+    )
+    idle_ttl_s: float = Field(
+        8 * 24 * 3600.0, gt=0, description="evict a customer idle this long (event time)"
+    )
+    stats_interval_s: float = Field(5.0, gt=0, description="live: how often stats are emitted")
+    max_clock_skew_s: float = Field(
+        3600.0, ge=0, description="live: events further in the future are dead letters"
+    )
+    history_horizon_s: float = Field(
+        8 * 24 * 3600.0,
+        gt=0,
+        description="live: older events are dead letters (late); fresher ones update history",
+    )
+    epoch_interval_s: float = Field(1.0, gt=0, description="Bytewax epoch length")
+    workers: int = Field(1, ge=1, le=64, description="worker threads in this process")
+    max_message_bytes: int = Field(65_536, ge=256)
+    max_attrs_bytes: int = Field(4_096, ge=0)
+
+
+class KafkaSettings(BaseModel):
+    """Kafka connection and topics (used when ``brokers`` is set)."""
+
+    model_config = _FROZEN
+
+    brokers: str | None = None
+    clicks_topic: str = "touch.clicks"
+    location_topic: str = "net.location"
+    calls_topic: str = "net.calls"
+    pushes_topic: str = "exp.pushes"
+    alerts_topic: str = "ops.alerts"
+    alerts_dlq_topic: str = "ops.alerts.dlq"
+    dead_letters_topic: str = "exp.dead_letters"
+    stats_topic: str = "exp.stats"
+    formats: dict[str, Literal["json", "msgpack"]] = Field(default_factory=dict)
+    partitions: dict[str, int] = Field(default_factory=dict)
+    default_partitions: int = 3
+    replication_factor: int = 1
+    config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="passed to librdkafka untouched (SASL, SSL, ...)"
+    )
+
+
+class RedisSettings(BaseModel):
+    """Redis for profiles, guards and push channels (used when ``url`` is set)."""
+
+    model_config = _FROZEN
+
+    url: SecretStr | None = None
+    profile_cache_ttl_s: float = 5.0
+    stream_maxlen: int = 1000
+    stream_ttl_s: int = 7 * 24 * 3600
+
+
+class WebhookTarget(BaseModel):
+    """One on-call webhook receiver."""
+
+    model_config = _FROZEN
+
+    url: str
+    secret: SecretStr | None = None
+    types: list[str] = Field(default_factory=list, description="alert types; empty = all")
+    body: Literal["cloudevents", "pagerduty", "slack"] = "cloudevents"
+
+
+class Settings(BaseSettings):
+    """Everything touchstream can be told; frozen once built."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="TOUCHSTREAM_",
+        env_nested_delimiter="__",
+        toml_file=None,
+    )
+
+    mode: Literal["live", "replay"] = "live"
+    rules_file: Path | None = None
+    profiles_file: Path | None = None
+    out_dir: Path | None = None
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    webhooks: list[WebhookTarget] = Field(default_factory=list)
+    demo_seed: int = 7
+    demo_rate: float = Field(20.0, gt=0, description="demo: background events per second")
+
+    _toml_path: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init) win over the environment, which wins over the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_PATH[0] is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH[0]))
+        return tuple(sources)
+
+
+_TOML_PATH: list[Path | None] = [None]
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags (``overrides``), environment and TOML file."""
+    _TOML_PATH[0] = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _TOML_PATH[0] = None
