@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias
 
-from flows.codec import DecodeError, json_loads, unpack
+from flows.codec import DecodeError, EncodeError, json_dumps, json_loads, unpack
 
 __all__ = [
     "CLICK_ACTIONS",
@@ -139,13 +139,18 @@ class Envelope:
     """A decoded event with where it came from and its idempotency key.
 
     ``key`` is the event's ``event_id`` when it has one, else a hash of its bytes,
-    so the same message always yields the same push and alert ids.
+    so the same message always yields the same push and alert ids. ``raw`` keeps the
+    original bytes until the lateness check (a late event is a dead letter with them);
+    ``fresh`` is False for a live event too old to trigger anything, which still
+    updates history (a late network record of a past cinema visit, say).
     """
 
     event: Event
     key: str
     source: str
     pos: int
+    raw: bytes = b""
+    fresh: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +333,8 @@ def _decode_doc(doc: Any, limits: Limits) -> Event:
         action = _str(doc, "action", limits.max_field_len)
         if action not in CLICK_ACTIONS:
             raise _Bad("invalid_value", "action is not a known click action")
-        module = _str(doc, "module", limits.max_field_len, required=action != "session_start"
-                      and action != "session_end")
+        module = _str(doc, "module", limits.max_field_len,
+                      required=action not in {"session_start", "session_end"})
         step = _str(doc, "step", limits.max_field_len, required=action in STEP_ACTIONS)
         attrs = doc.get("attrs")
         if attrs is not None:
@@ -343,7 +348,7 @@ def _decode_doc(doc: Any, limits: Limits) -> Event:
             event_id,
             _str(doc, "terminal_id", limits.max_field_len),  # type: ignore[arg-type]
             _str(doc, "hall_id", limits.max_field_len),  # type: ignore[arg-type]
-            action,  # type: ignore[arg-type]
+            action,
             module,
             step,
             attrs,
@@ -393,8 +398,6 @@ def decode_record(rec: RawRecord, limits: Limits = DEFAULT_LIMITS) -> Envelope |
         attrs = getattr(event, "attrs", None)
         if attrs is not None and len(value) > limits.max_attrs_bytes:
             # Only measure attrs when the whole message could exceed the bound.
-            from flows.codec import EncodeError, json_dumps
-
             try:
                 size = len(json_dumps(attrs))
             except EncodeError as exc:
@@ -407,7 +410,7 @@ def decode_record(rec: RawRecord, limits: Limits = DEFAULT_LIMITS) -> Envelope |
         return DeadLetter("key_mismatch", "message key differs from customer_id", value,
                           rec.source, rec.pos)
     key = event.event_id or hashlib.blake2b(value, digest_size=12).hexdigest()
-    return Envelope(event, key, rec.source, rec.pos)
+    return Envelope(event, key, rec.source, rec.pos, value)
 
 
 # --- profiles ---------------------------------------------------------------------

@@ -45,6 +45,10 @@ class InMemoryProfileStore:
         p = self._profiles.get(customer_id)
         return p if p is not None else Profile(customer_id)
 
+    def get_many(self, customer_ids: Iterable[str]) -> dict[str, Profile]:
+        """Profiles for many customers (missing ones are empty), by customer id."""
+        return {cid: self.get(cid) for cid in customer_ids}
+
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Store profiles; return how many were stored."""
         n = 0

@@ -1,0 +1,703 @@
+"""The experience logic per shard of customers: plain Python, no Bytewax, clock injected.
+
+Customers are hashed into a fixed number of shards; one :class:`ShardEngine` owns the
+contexts of its customers (open session, current step, recent place visits, call
+baseline, what was already pushed). Bytewax calls it through a three-line shim in
+``flows/experience.py``. Sharding (rather than one Bytewax key per customer) lets the
+event-time watermark reach every customer, so a timer fires at its deadline even if
+that customer sends nothing more, and lets one call handle a whole batch.
+
+Two clocks drive it:
+
+* **replay** (event time only): envelopes are buffered and applied in ``(ts, source,
+  pos)`` order once a :class:`Tick` says the watermark passed them; timers fire in
+  that same order (a timer due at ``d`` fires before an event at ``ts >= d``). The
+  output is a pure function of the input.
+* **live**: envelopes are applied as they arrive; timers fire when the wall clock
+  (``now`` passed in by the shim) reaches their deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import insort
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from flows.model import (
+    Alert,
+    CallsEvent,
+    ClickEvent,
+    Envelope,
+    LocationEvent,
+    Profile,
+    Push,
+    stable_id,
+)
+from flows.rules import Rule, RuleSet
+from state.profiles import ProfileStore
+
+__all__ = [
+    "EngineConfig",
+    "Progress",
+    "ShardEngine",
+    "StatDelta",
+    "Tick",
+    "VisitDone",
+    "shard_of",
+]
+
+FOREVER: Final = 2**62
+MAX_PLACE_EVENTS: Final = 256
+
+
+def shard_of(customer_id: str, shards: int) -> int:
+    """The shard a customer belongs to: stable across runs, processes and hosts."""
+    h = 2166136261
+    for b in customer_id.encode("utf-8"):
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h % shards
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine parameters that are not rules (from settings)."""
+
+    shards: int = 64
+    live: bool = False
+    idle_ttl_ms: int = 8 * 86_400_000
+    session_idle_ms: int = 30 * 60_000
+    conversion_window_ms: int = 30 * 60_000
+    sweep_interval_ms: int = 10 * 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Replay: the event-time watermark passed ``wm``; ``final`` at end of input.
+
+    One tick is sent to every shard; ``shard`` says which (a Bytewax logic is not told
+    its key).
+    """
+
+    wm: int
+    shard: int
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A shard has applied everything up to ``wm`` (feeds step-friction's watermark)."""
+
+    shard: int
+    wm: int
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VisitDone:
+    """A customer finished a visit to one step (left by exit, help, next step or end)."""
+
+    module: str
+    step: str
+    customer_id: str
+    enter_ts: int
+    leave_ts: int
+    subscribed: bool
+
+    @property
+    def dwell_ms(self) -> int:
+        """How long the customer stayed."""
+        return self.leave_ts - self.enter_ts
+
+
+@dataclass(frozen=True, slots=True)
+class StatDelta:
+    """Counter increments since the last delta: keys like ``("hall", "H1", "tries")``."""
+
+    counts: dict[tuple[str, ...], int]
+
+
+class _Session:
+    __slots__ = ("done", "hall_id", "key", "last_ts", "module", "start_ts", "terminal_id")
+
+    def __init__(self, terminal_id: str, hall_id: str, start_ts: int, key: str) -> None:
+        self.terminal_id = terminal_id
+        self.hall_id = hall_id
+        self.start_ts = start_ts
+        self.last_ts = start_ts
+        self.key = key
+        self.module: str | None = None
+        self.done: set[str] = set()
+
+
+class _Step:
+    __slots__ = ("enter_ts", "fired", "key", "module", "step")
+
+    def __init__(self, module: str, step: str, enter_ts: int, key: str) -> None:
+        self.module = module
+        self.step = step
+        self.enter_ts = enter_ts
+        self.key = key
+        self.fired: set[str] = set()
+
+
+class Customer:
+    """One customer's context; bounded: old visits, intervals and pushes are trimmed."""
+
+    __slots__ = ("calls", "last_ts", "once", "places", "push_times", "recent", "session", "step")
+
+    def __init__(self) -> None:
+        self.last_ts = 0
+        self.session: _Session | None = None
+        self.step: _Step | None = None
+        self.places: dict[str, list[int]] = {}
+        self.calls: list[tuple[int, int]] = []
+        self.push_times: list[int] = []
+        self.once: dict[str, int] = {}
+        self.recent: list[tuple[int, str, str, str]] = []  # push ts, module, rule, hall
+
+    def to_state(self) -> list[Any]:
+        """Plain data for a snapshot (MessagePack-able)."""
+        s = self.session
+        st = self.step
+        return [
+            self.last_ts,
+            [s.terminal_id, s.hall_id, s.start_ts, s.last_ts, s.key, s.module, sorted(s.done)]
+            if s
+            else None,
+            [st.module, st.step, st.enter_ts, st.key, sorted(st.fired)] if st else None,
+            self.places,
+            [list(x) for x in self.calls],
+            self.push_times,
+            self.once,
+            [list(x) for x in self.recent],
+        ]
+
+    @classmethod
+    def from_state(cls, d: list[Any]) -> Customer:
+        """Inverse of :meth:`to_state`."""
+        c = cls()
+        c.last_ts = d[0]
+        if d[1] is not None:
+            t, h, start, last, key, module, done = d[1]
+            c.session = _Session(t, h, start, key)
+            c.session.last_ts = last
+            c.session.module = module
+            c.session.done = set(done)
+        if d[2] is not None:
+            m, step, enter, key, fired = d[2]
+            c.step = _Step(m, step, enter, key)
+            c.step.fired = set(fired)
+        c.places = {k: list(v) for k, v in d[3].items()}
+        c.calls = [(a, b) for a, b in d[4]]
+        c.push_times = list(d[5])
+        c.once = dict(d[6])
+        c.recent = [(a, b, r, h) for a, b, r, h in d[7]]
+        return c
+
+
+Out = list[Any]
+
+
+class ShardEngine:
+    """All customers of one shard, their timers, and (in replay) the reorder buffer."""
+
+    def __init__(
+        self,
+        shard: int,
+        rules: RuleSet,
+        profiles: ProfileStore,
+        config: EngineConfig,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.shard = shard
+        self.rules = rules
+        self.profiles = profiles
+        self.config = config
+        self.customers: dict[str, Customer] = {}
+        self.timers: list[tuple[int, str, str, str]] = []  # deadline, customer, visit, rule
+        self.buffer: list[tuple[int, str, int, Envelope]] = []
+        self.wm = 0
+        self.next_sweep = 0
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self._dwell_rules = rules.of_kind("step_dwell")
+        self._place_window = {
+            r.trigger.poi: r.trigger.window for r in rules.of_kind("location_frequency")
+        }
+        for r in rules.of_kind("location_frequency"):
+            self._place_window[r.trigger.poi] = max(
+                self._place_window[r.trigger.poi], r.trigger.window
+            )
+        self._call_keep = max((r.trigger.max_history for r in rules.of_kind("call_spike")),
+                              default=0)
+        if state is not None:
+            self._restore(state)
+
+    # --- snapshots -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole shard as plain data (customers, timers, buffer, pending counts)."""
+        return {
+            "wm": self.wm,
+            "next_sweep": self.next_sweep,
+            "customers": {k: c.to_state() for k, c in self.customers.items()},
+            "timers": [list(t) for t in self.timers],
+            "buffer": [
+                [ts, src, pos, _env_to_state(env)] for ts, src, pos, env in self.buffer
+            ],
+            "counts": [[list(k), v] for k, v in self.counts.items()],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.wm = state["wm"]
+        self.next_sweep = state["next_sweep"]
+        self.customers = {k: Customer.from_state(v) for k, v in state["customers"].items()}
+        self.timers = [(a, b, c, d) for a, b, c, d in state["timers"]]
+        heapq.heapify(self.timers)
+        self.buffer = [(ts, src, pos, _env_from_state(e)) for ts, src, pos, e in state["buffer"]]
+        heapq.heapify(self.buffer)
+        self.counts = Counter({tuple(k): v for k, v in state["counts"]})
+
+    # --- driving ---------------------------------------------------------------
+
+    def buffer_event(self, env: Envelope) -> None:
+        """Replay: hold an event until the watermark passes it."""
+        heapq.heappush(self.buffer, (env.event.ts, env.source, env.pos, env))
+
+    def advance(self, wm: int, out: Out) -> None:
+        """Replay: apply buffered events and due timers up to ``wm``, in event-time order."""
+        buf = self.buffer
+        timers = self.timers
+        while True:
+            ne = buf[0][0] if buf and buf[0][0] <= wm else None
+            nt = timers[0][0] if timers and timers[0][0] <= wm else None
+            if ne is None and nt is None:
+                break
+            if nt is not None and (ne is None or nt <= ne):
+                self._fire(heapq.heappop(timers), out)
+            else:
+                self.apply(heapq.heappop(buf)[3], out)
+        self.wm = max(self.wm, wm)
+        self._maybe_sweep(self.wm)
+
+    def on_live_event(self, env: Envelope, now: int, out: Out) -> None:
+        """Live: fire timers due by ``now``, then apply the event as it arrives."""
+        self.fire_due(now, out)
+        self.apply(env, out)
+
+    def fire_due(self, now: int, out: Out) -> None:
+        """Live: fire every timer whose deadline is at or before ``now``."""
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            self._fire(heapq.heappop(timers), out)
+        self.wm = max(self.wm, now)
+        self._maybe_sweep(now)
+
+    def next_deadline(self) -> int | None:
+        """The earliest pending timer (epoch ms), if any."""
+        return self.timers[0][0] if self.timers else None
+
+    def take_stats(self) -> StatDelta | None:
+        """Counter increments since the last call, or None if nothing moved."""
+        if not self.counts:
+            return None
+        delta = StatDelta(dict(self.counts))
+        self.counts.clear()
+        return delta
+
+    # --- events ----------------------------------------------------------------
+
+    def apply(self, env: Envelope, out: Out) -> None:
+        """Apply one event to its customer's context; append what it triggers to ``out``."""
+        ev = env.event
+        cid = ev.customer_id
+        c = self.customers.get(cid)
+        if c is None:
+            c = self.customers[cid] = Customer()
+        c.last_ts = max(c.last_ts, ev.ts)
+        self.counts["events", ev.type] += 1
+        if type(ev) is ClickEvent:
+            self._click(c, ev, env, out)
+        elif type(ev) is LocationEvent:
+            self._location(c, ev, env, out)
+        elif type(ev) is CallsEvent:
+            self._calls(c, ev, env, out)
+
+    def _session_open(self, c: Customer, ts: int) -> _Session | None:
+        s = c.session
+        if s is not None and ts - s.last_ts > self.config.session_idle_ms:
+            c.session = None
+            return None
+        return s
+
+    def _click(self, c: Customer, ev: ClickEvent, env: Envelope, out: Out) -> None:
+        ts = ev.ts
+        action = ev.action
+        counts = self.counts
+        s = self._session_open(c, ts)
+        if action == "session_start":
+            if s is not None:
+                self._leave_step(c, ev.customer_id, ts, out)
+            s = c.session = _Session(ev.terminal_id, ev.hall_id, ts, env.key)
+            counts["hall", ev.hall_id, "sessions"] += 1
+        elif s is None or s.terminal_id != ev.terminal_id:
+            # A click with no open session on this terminal opens one implicitly.
+            if s is not None:
+                self._leave_step(c, ev.customer_id, ts, out)
+            s = c.session = _Session(ev.terminal_id, ev.hall_id, ts, env.key)
+        s.last_ts = max(s.last_ts, ts)
+        module = ev.module
+        if module is not None:
+            s.module = module
+
+        if action == "session_start":
+            self._setup_first(c, ev, env, out)
+            self._trial_ending(c, ev, env, out, "session_start")
+        elif action == "module_enter":
+            assert module is not None
+            counts["hall", ev.hall_id, "tries"] += 1
+            counts["module", module, "tries"] += 1
+            self._module_enter(c, ev, env, out)
+            self._trial_ending(c, ev, env, out, "module_enter")
+        elif action == "step_enter":
+            assert module is not None and ev.step is not None
+            self._leave_step(c, ev.customer_id, ts, out)
+            c.step = _Step(module, ev.step, ts, env.key)
+            for r in self._dwell_rules:
+                heapq.heappush(self.timers, (ts + r.trigger.dwell, ev.customer_id, env.key, r.id))
+        elif action == "step_exit":
+            cur = c.step
+            if cur is not None and cur.module == module and cur.step == ev.step:
+                self._leave_step(c, ev.customer_id, ts, out)
+            else:
+                counts["clicks", "unmatched_step_exit"] += 1
+        elif action == "help":
+            counts["module", module or "-", "help"] += 1
+            if ev.step is not None:
+                counts["step", f"{module}/{ev.step}", "help"] += 1
+            self._leave_step(c, ev.customer_id, ts, out)
+        elif action == "session_end":
+            self._leave_step(c, ev.customer_id, ts, out)
+            c.session = None
+        elif action == "order":
+            assert module is not None
+            counts["hall", ev.hall_id, "orders"] += 1
+            counts["module", module, "orders"] += 1
+            self._convert(c, module, ts)
+        else:  # demo_play, rate
+            counts["module", module or "-", action] += 1
+
+    def _leave_step(self, c: Customer, cid: str, ts: int, out: Out) -> None:
+        st = c.step
+        if st is None:
+            return
+        c.step = None
+        if ts < st.enter_ts:
+            return
+        if self.rules.of_kind("step_friction"):
+            subscribed = st.module in self.profiles.get(cid).subscriptions
+            out.append(VisitDone(st.module, st.step, cid, st.enter_ts, ts, subscribed))
+
+    # --- rules -----------------------------------------------------------------
+
+    def _module_enter(self, c: Customer, ev: ClickEvent, env: Envelope, out: Out) -> None:
+        for r in self.rules.of_kind("module_enter"):
+            if r.trigger.module != ev.module:
+                continue
+            extra: dict[str, Any] = {}
+            reason: dict[str, Any] = {"module": ev.module}
+            if r.trigger.pref is not None:
+                prefs = self.profiles.get(ev.customer_id).prefs.get(r.trigger.pref)
+                if not prefs:
+                    continue
+                extra["genres" if r.trigger.pref == "music" else "prefs"] = list(prefs)
+                reason["pref"] = r.trigger.pref
+            self._push(c, r, env, ev.ts, ev.module, extra, reason, out)
+
+    def _setup_first(self, c: Customer, ev: ClickEvent, env: Envelope, out: Out) -> None:
+        rules = self.rules.of_kind("session_start_unconfigured")
+        if not rules:
+            return
+        p = self.profiles.get(ev.customer_id)
+        for r in rules:
+            for svc in r.trigger.services:
+                if svc in p.subscriptions and svc not in p.configured:
+                    reason = {"subscribed": True, "configured": False, "service": svc}
+                    self._push(c, r, env, ev.ts, svc, {}, reason, out, profile=p)
+
+    def _trial_ending(
+        self, c: Customer, ev: ClickEvent, env: Envelope, out: Out, action: str
+    ) -> None:
+        rules = self.rules.of_kind("trial_ending")
+        if not rules:
+            return
+        p = self.profiles.get(ev.customer_id)
+        if not p.trials:
+            return
+        for r in rules:
+            if action not in r.trigger.actions:
+                continue
+            for svc, end in sorted(p.trials.items()):
+                left = end - ev.ts
+                if 0 <= left <= r.trigger.within:
+                    reason = {"trial_end": end, "hours_left": round(left / 3_600_000, 2),
+                              "within_s": r.trigger.within // 1000}
+                    self._push(c, r, env, ev.ts, svc, {"trial_end": end}, reason, out,
+                               profile=p)
+
+    def _location(self, c: Customer, ev: LocationEvent, env: Envelope, out: Out) -> None:
+        poi = ev.poi
+        if poi is None or poi not in self._place_window:
+            return
+        ts = ev.ts
+        times = c.places.get(poi)
+        if times is None:
+            times = c.places[poi] = []
+        if ts not in times:
+            insort(times, ts)
+        horizon = times[-1] - self._place_window[poi]
+        drop = 0
+        while drop < len(times) and times[drop] < horizon:
+            drop += 1
+        if drop or len(times) > MAX_PLACE_EVENTS:
+            del times[: max(drop, len(times) - MAX_PLACE_EVENTS)]
+        if not env.fresh:
+            return
+        for r in self.rules.of_kind("location_frequency"):
+            t = r.trigger
+            if t.poi != poi:
+                continue
+            visits = count_visits(times, ts - t.window, ts, t.visit_gap)
+            if visits >= t.min_visits:
+                reason = {"poi": poi, "visits": visits, "min_visits": t.min_visits,
+                          "window_s": t.window // 1000, "visit_gap_s": t.visit_gap // 1000}
+                self._push(c, r, env, ts, None, {}, reason, out)
+
+    def _calls(self, c: Customer, ev: CallsEvent, env: Envelope, out: Out) -> None:
+        if not self._call_keep:
+            return
+        ts = ev.ts
+        total = ev.calls_in + ev.calls_out
+        hist = c.calls
+        prev = [t for (when, t) in hist if when < ts]
+        if env.fresh:
+            for r in self.rules.of_kind("call_spike"):
+                tr = r.trigger
+                window = prev[-tr.max_history :]
+                if len(window) < tr.min_history:
+                    continue
+                mean = sum(window) / len(window)
+                if total >= tr.min_total and total >= tr.factor * mean:
+                    reason = {"total": total, "baseline_mean": round(mean, 3),
+                              "intervals": len(window), "factor": tr.factor,
+                              "min_total": tr.min_total}
+                    self._push(c, r, env, ts, None, {"missed": ev.missed}, reason, out)
+        # record the interval (replacing a duplicate report of the same interval)
+        for i, (when, _) in enumerate(hist):
+            if when == ts:
+                hist[i] = (ts, total)
+                break
+        else:
+            insort(hist, (ts, total))
+            if len(hist) > self._call_keep:
+                del hist[: len(hist) - self._call_keep]
+
+    def _fire(self, timer: tuple[int, str, str, str], out: Out) -> None:
+        deadline, cid, visit_key, rule_id = timer
+        c = self.customers.get(cid)
+        if c is None:
+            return
+        st = c.step
+        if st is None or st.key != visit_key or rule_id in st.fired:
+            return
+        rule = next((r for r in self._dwell_rules if r.id == rule_id), None)
+        if rule is None:
+            return
+        st.fired.add(rule_id)
+        p = self.profiles.get(cid)
+        s = self._session_open(c, deadline)
+        dwell_s = (deadline - st.enter_ts) // 1000
+        if rule.alert is not None:
+            data = {
+                "rule_id": rule.id,
+                "rule_version": rule.version,
+                "customer_id": cid,
+                "module": st.module,
+                "step": st.step,
+                "dwell_s": dwell_s,
+                "threshold_s": rule.trigger.dwell // 1000,
+                "entered_at_ms": st.enter_ts,
+                "terminal_id": s.terminal_id if s else None,
+                "hall_id": s.hall_id if s else None,
+                "subscribed": st.module in p.subscriptions,
+            }
+            out.append(
+                Alert(
+                    id=stable_id(rule.id, cid, visit_key),
+                    type=rule.alert.type,
+                    source=f"/touchstream/rules/{rule.id}",
+                    time_ms=deadline,
+                    subject=cid,
+                    data=data,
+                )
+            )
+            self.counts["alerts", rule.alert.type] += 1
+            self.counts["rule", rule.id, "alerts"] += 1
+        if rule.push is not None:
+            reason = {"dwell_s": dwell_s, "threshold_s": rule.trigger.dwell // 1000,
+                      "trigger_event": visit_key}
+            self._push_raw(c, cid, rule, visit_key, deadline, st.module, {"step": st.step},
+                           reason, out, p, s)
+
+    # --- guards and emission ---------------------------------------------------
+
+    def _push(
+        self,
+        c: Customer,
+        rule: Rule,
+        env: Envelope,
+        ts: int,
+        module: str | None,
+        extra: dict[str, Any],
+        reason: dict[str, Any],
+        out: Out,
+        profile: Profile | None = None,
+    ) -> None:
+        reason["trigger_event"] = env.key
+        s = self._session_open(c, ts)
+        self._push_raw(
+            c, env.event.customer_id, rule, env.key, ts, module, extra, reason, out, profile, s
+        )
+
+    def _push_raw(
+        self,
+        c: Customer,
+        cid: str,
+        rule: Rule,
+        trigger_key: str,
+        ts: int,
+        module: str | None,
+        extra: dict[str, Any],
+        reason: dict[str, Any],
+        out: Out,
+        profile: Profile | None,
+        s: _Session | None,
+    ) -> None:
+        """Apply the rule's frequency, opt-out and cap guards; emit the push if it passes."""
+        assert rule.push is not None
+        module = module or rule.push.module
+        assert module is not None
+        counts = self.counts
+        # 1. the rule's own frequency
+        scope = rule.once_scope
+        once_key: str | None = None
+        if scope == "period":
+            once_key = rule.id
+            if c.once.get(once_key, 0) > ts:
+                counts["rule", rule.id, "blocked:once_per"] += 1
+                return
+        elif scope == "service":
+            once_key = f"{rule.id}:{module}"
+            if once_key in c.once:
+                counts["rule", rule.id, "blocked:once_per"] += 1
+                return
+        elif scope in ("session", "session_service") and s is not None:
+            session_key = rule.id if scope == "session" else f"{rule.id}:{module}"
+            if session_key in s.done:
+                counts["rule", rule.id, "blocked:once_per"] += 1
+                return
+        # 2. opt-out
+        guards = self.rules.guards
+        p = profile if profile is not None else self.profiles.get(cid)
+        if guards.respect_opt_out and p.opt_out:
+            counts["rule", rule.id, "blocked:opt_out"] += 1
+            return
+        # 3. the per-customer cap across rules
+        if guards.max_pushes_per_customer > 0:
+            since = ts - guards.cap_window_ms
+            times = c.push_times
+            while times and times[0] <= since:
+                times.pop(0)
+            if len(times) >= guards.max_pushes_per_customer:
+                counts["rule", rule.id, "blocked:cap"] += 1
+                return
+            insort(times, ts)
+        if once_key is not None:
+            c.once[once_key] = ts + rule.once_ms if scope == "period" else FOREVER
+        elif scope in ("session", "session_service") and s is not None:
+            s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
+        channel = f"terminal:{s.terminal_id}" if s is not None else f"customer:{cid}"
+        hall = s.hall_id if s is not None else "-"
+        content: dict[str, Any] = {"module": module, "kind": rule.push.kind}
+        if rule.push.text:
+            content["text"] = rule.push.text
+        content.update(extra)
+        reason["rule_version"] = rule.version
+        out.append(
+            Push(
+                push_id=stable_id(rule.id, cid, trigger_key, module),
+                customer_id=cid,
+                channel=channel,
+                rule_id=rule.id,
+                rule_version=rule.version,
+                content=content,
+                event_ts=ts,
+                reason=reason,
+            )
+        )
+        counts["rule", rule.id, "pushes"] += 1
+        counts["hall", hall, "pushes"] += 1
+        counts["module", module, "pushes"] += 1
+        c.recent.append((ts, module, rule.id, hall))
+
+    def _convert(self, c: Customer, module: str, ts: int) -> None:
+        window = self.config.conversion_window_ms
+        c.recent = [x for x in c.recent if ts - x[0] <= window or x[0] > ts]
+        for i, (pts, pmod, rule_id, hall) in enumerate(c.recent):
+            if pmod == module and 0 <= ts - pts <= window:
+                del c.recent[i]
+                self.counts["rule", rule_id, "conversions"] += 1
+                self.counts["hall", hall, "conversions"] += 1
+                self.counts["module", module, "conversions"] += 1
+                return
+
+    # --- memory ----------------------------------------------------------------
+
+    def _maybe_sweep(self, now: int) -> None:
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + self.config.sweep_interval_ms
+        cutoff = now - self.config.idle_ttl_ms
+        dead = [k for k, c in self.customers.items() if c.last_ts < cutoff and c.step is None]
+        for k in dead:
+            del self.customers[k]
+        if dead:
+            self.counts["engine", "evicted"] += len(dead)
+
+
+def count_visits(times: list[int], start: int, end: int, gap: int) -> int:
+    """Visits among sorted event times in ``[start, end]``: runs separated by >= ``gap``."""
+    n = 0
+    prev: int | None = None
+    for t in times:
+        if t < start:
+            continue
+        if t > end:
+            break
+        if prev is None or t - prev >= gap:
+            n += 1
+        prev = t
+    return n
+
+
+def _env_to_state(env: Envelope) -> list[Any]:
+    ev = env.event
+    return [ev.type, asdict(ev), env.key, env.source, env.pos, env.raw, env.fresh]
+
+
+def _env_from_state(d: list[Any]) -> Envelope:
+    typ, fields, key, source, pos, raw, fresh = d
+    fields = {k: v for k, v in fields.items() if k != "type"}
+    cls = {"click": ClickEvent, "location": LocationEvent, "calls": CallsEvent}[typ]
+    return Envelope(cls(**fields), key, source, pos, raw, fresh)

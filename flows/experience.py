@@ -1,0 +1,376 @@
+"""The experience dataflow: three customer streams in, pushes, alerts, dead letters and
+stats out. Built from settings by :func:`build_flow`; reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import FixedPartitionedSink, Sink
+
+from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, shard_key
+from flows.codec import pack, unpack
+from flows.engine import EngineConfig, Progress, ShardEngine, StatDelta, Tick, VisitDone, shard_of
+from flows.model import Alert, DeadLetter, Envelope, Limits, Push, RawRecord, decode_record
+from flows.rules import RuleSet
+from flows.settings import Settings
+from state.profiles import ProfileStore
+
+__all__ = ["Outputs", "build_flow", "system_now_ms"]
+
+RETAIN = False
+
+
+def system_now_ms() -> int:
+    """The wall clock in epoch milliseconds (the live default clock)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Outputs:
+    """Where each kind of output goes; any list may hold several sinks, or none."""
+
+    pushes: list[Sink[Any]] = field(default_factory=list)
+    alerts: list[Sink[Any]] = field(default_factory=list)
+    dead_letters: list[Sink[Any]] = field(default_factory=list)
+    stats: list[Sink[Any]] = field(default_factory=list)
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+# --- the three-line shims around the plain-Python logic ------------------------------
+
+
+class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
+    """Bytewax shim over :class:`ShardEngine` (one per shard key)."""
+
+    def __init__(self, engine: ShardEngine, live: bool, now_ms: Callable[[], int],
+                 stats_every_ms: int) -> None:
+        self.engine = engine
+        self.live = live
+        self.now_ms = now_ms
+        self.stats_every_ms = stats_every_ms
+        self.next_stats = now_ms() + stats_every_ms if live else 0
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        eng = self.engine
+        if self.live:
+            now = self.now_ms()
+            for v in values:
+                eng.on_live_event(v, now, out)
+            self._live_stats(now, out)
+            return out, RETAIN
+        for v in values:
+            if type(v) is Tick:
+                eng.advance(v.wm, out)
+                out.append(Progress(v.shard, v.wm, v.final))
+                if v.final:
+                    self._take_stats(out)
+            else:
+                eng.buffer_event(v)
+        return out, RETAIN
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        now = self.now_ms()
+        self.engine.fire_due(now, out)
+        self._live_stats(now, out)
+        return out, RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        self._take_stats(out)
+        return out, RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if not self.live:
+            return None
+        nd = self.engine.next_deadline()
+        at = self.next_stats if nd is None else min(nd, self.next_stats)
+        return _dt(at)
+
+    def snapshot(self) -> bytes:
+        return pack(self.engine.snapshot())
+
+    def _live_stats(self, now: int, out: list[Any]) -> None:
+        if now >= self.next_stats:
+            self.next_stats = now + self.stats_every_ms
+            self._take_stats(out)
+
+    def _take_stats(self, out: list[Any]) -> None:
+        d = self.engine.take_stats()
+        if d is not None:
+            out.append(d)
+
+
+class _SequencerLogic(StatefulBatchLogic[Envelope, Any, bytes]):
+    """Bytewax shim over :class:`Sequencer` (replay only; one key per source)."""
+
+    def __init__(self, seq: Sequencer) -> None:
+        self.seq = seq
+
+    def on_batch(self, values: list[Envelope]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        for env in values:
+            late = self.seq.on_event(env, out)
+            if late is not None:
+                out.append(late)
+        return out, RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        self.seq.on_eof(out)
+        return out, RETAIN
+
+    def snapshot(self) -> bytes:
+        return pack([self.seq.max_ts, self.seq.last_tick])
+
+
+class _FrictionLogic(StatefulBatchLogic[Any, Any, bytes]):
+    """Bytewax shim over :class:`FrictionEngine` (one key)."""
+
+    def __init__(self, engine: FrictionEngine) -> None:
+        self.engine = engine
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        for v in values:
+            if type(v) is VisitDone:
+                self.engine.on_visit(v, out)
+            else:
+                self.engine.on_progress(v, out)
+        return out, RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        self.engine.flush(out)
+        return out, RETAIN
+
+    def snapshot(self) -> bytes:
+        return pack(self.engine.snapshot())
+
+
+class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
+    """Bytewax shim over :class:`StatsEngine` (one key): emits the document periodically
+    (live) or once at the end (replay)."""
+
+    def __init__(self, engine: StatsEngine, live: bool, now_ms: Callable[[], int],
+                 every_ms: int) -> None:
+        self.engine = engine
+        self.live = live
+        self.now_ms = now_ms
+        self.every_ms = every_ms
+        self.next_emit = now_ms() + every_ms
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[dict[str, Any]], bool]:
+        for v in values:
+            if type(v) is StatDelta:
+                self.engine.add(v)
+            else:
+                self.engine.dead_letter(v)
+        return (), RETAIN
+
+    def on_notify(self) -> tuple[Iterable[dict[str, Any]], bool]:
+        now = self.now_ms()
+        self.next_emit = now + self.every_ms
+        if not self.engine.dirty:
+            return (), RETAIN
+        self.engine.dirty = False
+        return [self.engine.render(now)], RETAIN
+
+    def on_eof(self) -> tuple[Iterable[dict[str, Any]], bool]:
+        return [self.engine.render()], RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return _dt(self.next_emit) if self.live else None
+
+    def snapshot(self) -> bytes:
+        return pack(self.engine.snapshot())
+
+
+# --- small named steps ----------------------------------------------------------------
+
+
+def _is_envelope(x: Envelope | DeadLetter) -> bool:
+    return type(x) is Envelope
+
+
+def _of_type(t: type) -> Callable[[Any], Any | None]:
+    def pick(kv: tuple[str, Any]) -> Any | None:
+        return kv[1] if type(kv[1]) is t else None
+
+    pick.__name__ = f"pick_{t.__name__}"
+    return pick
+
+
+def _unwrap(kv: tuple[str, Any]) -> Any:
+    return kv[1]
+
+
+def _for_friction(kv: tuple[str, Any]) -> tuple[str, Any] | None:
+    return ("friction", kv[1]) if type(kv[1]) in (VisitDone, Progress) else None
+
+
+def _stat_or_none(kv: tuple[str, Any]) -> tuple[str, Any] | None:
+    return ("stats", kv[1]) if type(kv[1]) is StatDelta else None
+
+
+def _dead_letter_reason(d: DeadLetter) -> tuple[str, str]:
+    return ("stats", d.reason)
+
+
+def _emit(step_id: str, stream: Stream[Any], sinks: list[Sink[Any]]) -> None:
+    for i, sink in enumerate(sinks):
+        s = stream
+        if isinstance(sink, FixedPartitionedSink):
+            s = op.key_on(f"{step_id}_key_{i}", s, lambda _x: "all")
+        op.output(f"{step_id}_{i}", s, sink)
+
+
+# --- the flow -------------------------------------------------------------------------
+
+
+def build_flow(
+    settings: Settings,
+    *,
+    source: Source[RawRecord],
+    outputs: Outputs,
+    rules: RuleSet,
+    profiles: ProfileStore,
+    now_ms: Callable[[], int] = system_now_ms,
+) -> Dataflow:
+    """Build the experience dataflow.
+
+    ``settings.mode`` picks the clock: ``replay`` orders events by event time behind a
+    watermark and is deterministic; ``live`` applies events on arrival and fires
+    timers on the wall clock given by ``now_ms``.
+    """
+    es = settings.engine
+    live = settings.mode == "live"
+    limits = Limits(max_message_bytes=es.max_message_bytes, max_attrs_bytes=es.max_attrs_bytes)
+    config = EngineConfig(shards=es.shards, live=live, idle_ttl_ms=int(es.idle_ttl_s * 1000))
+    lateness_ms = int(es.allowed_lateness_s * 1000)
+    horizon_ms = int(es.history_horizon_s * 1000)
+    skew_ms = int(es.max_clock_skew_s * 1000)
+    stats_ms = int(es.stats_interval_s * 1000)
+
+    def decode(rec: RawRecord) -> Envelope | DeadLetter:
+        return decode_record(rec, limits)
+
+    def check_live_time(env: Envelope) -> Envelope | DeadLetter:
+        return live_time_check(env, now_ms(), lateness_ms, horizon_ms, skew_ms)
+
+    def key_by_shard(env: Envelope) -> str:
+        return shard_key(shard_of(env.event.customer_id, es.shards))
+
+    def shard_builder(state: bytes | None) -> _ShardLogic:
+        eng = ShardEngine(-1, rules, profiles, config, unpack(state) if state else None)
+        return _ShardLogic(eng, live, now_ms, stats_ms)
+
+    flow = Dataflow("touchstream")
+    raw = op.input("events_in", flow, source)
+    # raw: RawRecord (bytes, where they came from, format)
+    decoded = op.map("decode", raw, decode)
+    # decoded: Envelope | DeadLetter
+    split = op.branch("split_bad", decoded, _is_envelope)
+    events: Stream[Any] = split.trues
+    dead: Stream[Any] = split.falses
+    # events: Envelope; dead: DeadLetter (bad bytes, wrong fields, ...)
+
+    if live:
+        timed = op.map("check_event_time", events, check_live_time)
+        timed_split = op.branch("split_stale", timed, _is_envelope)
+        dead = op.merge("dead_letters_all", dead, timed_split.falses)
+        fresh: Stream[Any] = timed_split.trues
+        keyed = op.key_on("key_by_shard", fresh, key_by_shard)
+        # keyed: (shard key, Envelope) applied as they arrive
+    else:
+        seq_keyed = op.key_on("key_by_source", events, lambda _e: "input")
+        routed = op.stateful_batch(
+            "sequence", seq_keyed,
+            lambda st: _SequencerLogic(_resume_sequencer(st, es.shards, lateness_ms,
+                                                          int(es.tick_interval_s * 1000))),
+        )
+        # routed: ("input", (shard key, Envelope | Tick) | DeadLetter(late))
+        late = op.filter_map("late_events", routed, _of_type(DeadLetter))
+        dead = op.merge("dead_letters_all", dead, late)
+        keyed = op.filter_map("to_shards", routed, _route_to_shard)
+        # keyed: (shard key, Envelope | Tick), released in event-time order by ticks
+
+    shard_out = op.stateful_batch("customers", keyed, shard_builder)
+    # shard_out: (shard key, Push | Alert | VisitDone | Progress | StatDelta)
+    pushes = op.filter_map("pushes", shard_out, _of_type(Push))
+    customer_alerts = op.filter_map("customer_alerts", shard_out, _of_type(Alert))
+
+    friction_in = op.filter_map("visits", shard_out, _for_friction)
+    friction_out = op.stateful_batch(
+        "step_friction", friction_in,
+        lambda st: _FrictionLogic(FrictionEngine(rules, es.shards, live,
+                                                 unpack(st) if st else None)),
+    )
+    # friction_out: ("friction", Alert | StatDelta)
+    step_alerts = op.filter_map("step_alerts", friction_out, _of_type(Alert))
+    alerts = op.merge("alerts", customer_alerts, step_alerts)
+
+    stat_deltas = op.merge(
+        "stat_deltas",
+        op.filter_map("shard_stats", shard_out, _stat_or_none),
+        op.filter_map("friction_stats", friction_out, _stat_or_none),
+        op.map("dead_letter_reasons", dead, _dead_letter_reason),
+    )
+    stats = op.stateful_batch(
+        "stats", stat_deltas,
+        lambda st: _StatsLogic(StatsEngine(config.conversion_window_ms,
+                                           unpack(st) if st else None), live, now_ms, stats_ms),
+    )
+    stats_docs = op.map("stats_docs", stats, _unwrap)
+    # stats_docs: the stats document (periodically live, once at the end of a replay)
+
+    _emit("pushes_out", pushes, outputs.pushes)
+    _emit("alerts_out", alerts, outputs.alerts)
+    _emit("dead_letters_out", dead, outputs.dead_letters)
+    _emit("stats_out", stats_docs, outputs.stats)
+    return flow
+
+
+def _route_to_shard(kv: tuple[str, Any]) -> tuple[str, Any] | None:
+    v = kv[1]
+    return v if type(v) is tuple else None
+
+
+def _resume_sequencer(state: bytes | None, shards: int, lateness_ms: int,
+                      tick_ms: int) -> Sequencer:
+    seq = Sequencer(shards, lateness_ms, tick_ms)
+    if state:
+        seq.max_ts, seq.last_tick = unpack(state)
+    return seq
+
+
+def live_time_check(env: Envelope, now: int, lateness_ms: int, horizon_ms: int,
+                    skew_ms: int) -> Envelope | DeadLetter:
+    """Live: dead-letter events too old to matter or from the future; mark stale ones.
+
+    An event older than ``lateness_ms`` still updates history (a late network record
+    of a past cinema visit counts as a past visit) but triggers nothing.
+    """
+    ts = env.event.ts
+    if ts > now + skew_ms:
+        return DeadLetter("ts_in_future", f"event time is more than {skew_ms // 1000} s ahead",
+                          env.raw, env.source, env.pos)
+    if ts < now - horizon_ms:
+        return DeadLetter("late", f"event time is more than {horizon_ms // 1000} s old",
+                          env.raw, env.source, env.pos)
+    if ts < now - lateness_ms:
+        return Envelope(env.event, env.key, env.source, env.pos, env.raw, fresh=False)
+    return env

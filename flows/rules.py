@@ -1,0 +1,406 @@
+"""Rules as data: the YAML format, its validation, and the compiled, frozen rule set.
+
+A rules file names a version, the guards every push passes, and a list of rules. Each
+rule has a trigger (one of the built-in kinds, with its thresholds as parameters), an
+action (a push, an alert, or both) and how often it may fire (``once_per``). Errors
+name the file, the rule and the field, e.g.::
+
+    rules.yaml: rule 'cinema-pay': trigger.min_visits: Input should be a valid integer
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "DEFAULT_RULES_RESOURCE",
+    "AlertAction",
+    "Guards",
+    "PushAction",
+    "Rule",
+    "RuleSet",
+    "RulesError",
+    "load_default_rules",
+    "load_rules",
+    "parse_duration_ms",
+    "parse_rules",
+]
+
+DEFAULT_RULES_RESOURCE = "default_rules.yaml"
+MAX_RULES_FILE_BYTES = 1_048_576
+MAX_RULES = 500
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; the message names file, rule and field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def parse_duration_ms(value: Any) -> int:
+    """``"90s"``, ``"60m"``, ``"24h"``, ``"7d"``, ``"250ms"`` or a number of seconds → ms."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '90s'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return round(value * 1000)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+    raise ValueError(f"not a duration: {value!r} (use e.g. '90s', '60m', '24h', '7d')")
+
+
+DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+_MODEL = ConfigDict(frozen=True, extra="forbid")
+
+
+class LocationFrequency(BaseModel):
+    """A location event at ``poi`` that makes at least ``min_visits`` visits in ``window``.
+
+    Visits are runs of events at that place separated by at least ``visit_gap``.
+    """
+
+    model_config = _MODEL
+    kind: Literal["location_frequency"]
+    poi: Name
+    min_visits: int = Field(2, ge=1, le=100)
+    window: DurationMs = 7 * 86_400_000
+    visit_gap: DurationMs = 3_600_000
+
+
+class CallSpike(BaseModel):
+    """A calls record at least ``min_total`` and ``factor`` times the recent mean."""
+
+    model_config = _MODEL
+    kind: Literal["call_spike"]
+    min_total: int = Field(10, ge=0)
+    factor: float = Field(3.0, gt=0)
+    min_history: int = Field(3, ge=1, le=100)
+    max_history: int = Field(12, ge=1, le=100)
+
+
+class ModuleEnter(BaseModel):
+    """``module_enter`` of ``module``, optionally only with a preference list ``pref``."""
+
+    model_config = _MODEL
+    kind: Literal["module_enter"]
+    module: Name
+    pref: Name | None = None
+
+
+class SessionStartUnconfigured(BaseModel):
+    """``session_start`` by a customer subscribed to one of ``services`` but not set up."""
+
+    model_config = _MODEL
+    kind: Literal["session_start_unconfigured"]
+    services: list[Name] = Field(min_length=1)
+
+
+class StepDwell(BaseModel):
+    """A customer in one step for ``dwell`` without leaving it."""
+
+    model_config = _MODEL
+    kind: Literal["step_dwell"]
+    dwell: DurationMs = 90_000
+
+
+class StepFriction(BaseModel):
+    """Many customers slow on one (module, step) over a trailing event-time window."""
+
+    model_config = _MODEL
+    kind: Literal["step_friction"]
+    window: DurationMs = 3_600_000
+    min_customers: int = Field(5, ge=1)
+    mean_dwell: DurationMs = 100_000
+    samples: int = Field(5, ge=0, le=50)
+    modules: list[Name] = Field(default_factory=list, description="empty = every module")
+
+
+TrialAction = Literal["session_start", "module_enter"]
+_TRIAL_ACTIONS: tuple[TrialAction, ...] = ("session_start", "module_enter")
+
+
+class TrialEnding(BaseModel):
+    """A trial ending within ``within`` of one of ``actions`` (session_start, module_enter)."""
+
+    model_config = _MODEL
+    kind: Literal["trial_ending"]
+    within: DurationMs = 48 * 3_600_000
+    actions: list[TrialAction] = Field(
+        default_factory=lambda: list(_TRIAL_ACTIONS), min_length=1
+    )
+
+
+Trigger = Annotated[
+    LocationFrequency
+    | CallSpike
+    | ModuleEnter
+    | SessionStartUnconfigured
+    | StepDwell
+    | StepFriction
+    | TrialEnding,
+    Field(discriminator="kind"),
+]
+
+ONCE_SCOPES = ("session", "visit", "service", "session_service")
+_ALLOWED_ONCE: dict[str, set[str]] = {
+    "location_frequency": {"period"},
+    "call_spike": {"period"},
+    "module_enter": {"period", "session"},
+    "session_start_unconfigured": {"session_service", "period"},
+    "step_dwell": {"visit"},
+    "step_friction": {"period"},
+    "trial_ending": {"service", "period"},
+}
+
+
+class PushModel(BaseModel):
+    model_config = _MODEL
+    kind: Name
+    module: Name | None = None
+    text: str | None = Field(None, max_length=500)
+
+
+class AlertModel(BaseModel):
+    model_config = _MODEL
+    type: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[a-z0-9_.-]+$")]
+
+
+class RuleModel(BaseModel):
+    model_config = _MODEL
+    id: Name
+    version: int = Field(1, ge=1)
+    enabled: bool = True
+    trigger: Trigger
+    push: PushModel | None = None
+    alert: AlertModel | None = None
+    once_per: str | None = None
+    description: str | None = Field(None, max_length=1000)
+
+
+class GuardsModel(BaseModel):
+    model_config = _MODEL
+    max_pushes_per_customer: int = Field(3, ge=0)
+    cap_window: DurationMs = 86_400_000
+    respect_opt_out: bool = True
+
+
+class FileModel(BaseModel):
+    model_config = _MODEL
+    version: int = Field(ge=1)
+    guards: GuardsModel = Field(default_factory=lambda: GuardsModel.model_validate({}))
+    rules: list[dict[str, Any]] = Field(max_length=MAX_RULES)
+
+
+@dataclass(frozen=True, slots=True)
+class PushAction:
+    """What a rule pushes: ``kind`` and (unless taken from the trigger) ``module``."""
+
+    kind: str
+    module: str | None
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertAction:
+    """What a rule alerts: a CloudEvents ``type``."""
+
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule. ``once_scope`` is ``period`` (with ``once_ms``) or a scope name."""
+
+    id: str
+    version: int
+    trigger: Any
+    push: PushAction | None
+    alert: AlertAction | None
+    once_scope: str
+    once_ms: int
+    description: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The trigger kind."""
+        return str(self.trigger.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """Guards for every push: opt-out and the per-customer cap."""
+
+    max_pushes_per_customer: int = 3
+    cap_window_ms: int = 86_400_000
+    respect_opt_out: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """The active rules, indexed by trigger kind."""
+
+    version: int
+    rules: tuple[Rule, ...]
+    guards: Guards
+    source: str = "<memory>"
+    by_kind: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, version: int, rules: tuple[Rule, ...], guards: Guards, source: str) -> RuleSet:
+        """Build a rule set and its index by trigger kind."""
+        idx: dict[str, list[Rule]] = {}
+        for r in rules:
+            idx.setdefault(r.kind, []).append(r)
+        return cls(version, rules, guards, source, {k: tuple(v) for k, v in idx.items()})
+
+    def of_kind(self, kind: str) -> tuple[Rule, ...]:
+        """The rules with this trigger kind (empty tuple if none)."""
+        return self.by_kind.get(kind, ())
+
+    def places(self) -> frozenset[str]:
+        """The place categories any location rule watches."""
+        return frozenset(r.trigger.poi for r in self.of_kind("location_frequency"))
+
+
+def _fmt_loc(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _TRIGGER_KINDS)]
+    return ".".join(parts) if parts else "(rule)"
+
+
+_TRIGGER_KINDS = {
+    "location_frequency",
+    "call_spike",
+    "module_enter",
+    "session_start_unconfigured",
+    "step_dwell",
+    "step_friction",
+    "trial_ending",
+}
+
+
+def _compile_rule(m: RuleModel) -> Rule:
+    kind = m.trigger.kind
+    allowed = _ALLOWED_ONCE[kind]
+    once = m.once_per
+    if once is None:
+        scope = sorted(allowed)[0] if "period" not in allowed else "period"
+        if kind == "step_dwell":
+            scope = "visit"
+        once_ms = 86_400_000 if scope == "period" else 0
+    elif once in ONCE_SCOPES:
+        scope, once_ms = once, 0
+    else:
+        scope, once_ms = "period", parse_duration_ms(once)
+    if scope not in allowed:
+        raise ValueError(
+            f"once_per: {once!r} does not fit trigger {kind} (allowed: "
+            + ", ".join(sorted(a if a != "period" else "a duration" for a in allowed))
+            + ")"
+        )
+    if m.push is None and m.alert is None:
+        raise ValueError("a rule needs a push, an alert or both")
+    if kind == "step_friction" and m.push is not None:
+        raise ValueError("push: step_friction concerns many customers; it can only alert")
+    needs_module = kind in {"location_frequency", "call_spike"}
+    if m.push is not None and needs_module and m.push.module is None:
+        raise ValueError(f"push.module: required for trigger {kind}")
+    if isinstance(m.trigger, CallSpike) and m.trigger.min_history > m.trigger.max_history:
+        raise ValueError("trigger.min_history: must not exceed max_history")
+    return Rule(
+        id=m.id,
+        version=m.version,
+        trigger=m.trigger,
+        push=PushAction(m.push.kind, m.push.module, m.push.text) if m.push else None,
+        alert=AlertAction(m.alert.type) if m.alert else None,
+        once_scope=scope,
+        once_ms=once_ms,
+        description=m.description,
+    )
+
+
+def parse_rules(doc: Any, source: str = "<memory>") -> RuleSet:
+    """Validate a parsed rules document; raise :class:`RulesError` with every problem."""
+    errors: list[str] = []
+    try:
+        fm = FileModel.model_validate(doc)
+    except ValidationError as exc:
+        for e in exc.errors():
+            errors.append(f"{source}: {_fmt_loc(tuple(e['loc']))}: {e['msg']}")
+        raise RulesError(errors) from exc
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(fm.rules):
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        label = f"rule {rid!r}" if isinstance(rid, str) else f"rule #{i + 1}"
+        try:
+            m = RuleModel.model_validate(raw)
+            rule = _compile_rule(m)
+        except ValidationError as exc:
+            for e in exc.errors():
+                errors.append(f"{source}: {label}: {_fmt_loc(tuple(e['loc']))}: {e['msg']}")
+            continue
+        except ValueError as exc:
+            errors.append(f"{source}: {label}: {exc}")
+            continue
+        if rule.id in seen:
+            errors.append(f"{source}: {label}: id: duplicate rule id")
+            continue
+        seen.add(rule.id)
+        if m.enabled:
+            rules.append(rule)
+    if errors:
+        raise RulesError(errors)
+    g = fm.guards
+    guards = Guards(g.max_pushes_per_customer, g.cap_window, g.respect_opt_out)
+    return RuleSet.of(fm.version, tuple(rules), guards, source)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Read and validate a YAML rules file (safe loader only; nothing in it runs)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_RULES_FILE_BYTES:
+            raise RulesError([f"{p}: file is larger than {MAX_RULES_FILE_BYTES} bytes"])
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError([f"{p}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise RulesError([f"{p}: not UTF-8 text"]) from exc
+    return _parse_text(text, str(p))
+
+
+def _parse_text(text: str, source: str) -> RuleSet:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise RulesError([f"{source}: {where}not valid YAML: {exc}"]) from exc
+    if not isinstance(doc, dict):
+        raise RulesError([f"{source}: the file must be a mapping with 'version' and 'rules'"])
+    return parse_rules(doc, source)
+
+
+def load_default_rules() -> RuleSet:
+    """The shipped default rules (``flows/default_rules.yaml``)."""
+    text = resources.files("flows").joinpath(DEFAULT_RULES_RESOURCE).read_text("utf-8")
+    return _parse_text(text, f"flows/{DEFAULT_RULES_RESOURCE}")
