@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
 from connectors.files import (
@@ -27,15 +29,13 @@ def load_rule_set(settings: Settings) -> RuleSet:
     return load_rules(settings.rules_file) if settings.rules_file else load_default_rules()
 
 
-def run_dataflow(flow: object, workers: int, epoch_s: float) -> None:
+def run_dataflow(flow: Dataflow, workers: int, epoch_s: float) -> None:
     """Run a dataflow in this process with ``workers`` worker threads."""
-    from datetime import timedelta
-
     interval = timedelta(seconds=epoch_s)
     if workers <= 1:
-        run_main(flow, epoch_interval=interval)  # type: ignore[arg-type]
+        run_main(flow, epoch_interval=interval)  # type: ignore[no-untyped-call]
     else:
-        cluster_main(flow, [], 0, epoch_interval=interval,  # type: ignore[arg-type]
+        cluster_main(flow, [], 0, epoch_interval=interval,  # type: ignore[no-untyped-call]
                      worker_count_per_proc=workers)
 
 

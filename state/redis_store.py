@@ -177,13 +177,13 @@ class RedisProfileStore:
         """Profiles for many customers; all cache misses are fetched in one pipeline."""
         now = self._now()
         out: dict[str, Profile] = {}
-        missing: list[str] = []
+        missing: dict[str, None] = {}  # ordered set
         for cid in customer_ids:
             if cid in out or cid in missing:
                 continue
             hit = self._cached(cid, now)
             if hit is None:
-                missing.append(cid)
+                missing[cid] = None
             else:
                 out[cid] = hit
         if missing:
@@ -285,8 +285,12 @@ class RedisGuardStore:
     """:class:`state.guards.GuardStore` in Redis: one Lua script decides a whole batch.
 
     All requests of one :meth:`admit` call go in one round trip (a pipeline of
-    ``EVALSHA`` calls of up to ``chunk`` requests each); each script call is atomic,
-    so workers sharing the store never both take the last slot of a cap.
+    ``EVALSHA`` calls of up to ``chunk`` requests each). Each script call is atomic
+    and decides its requests in order, so workers sharing the store never both take
+    the last slot of a cap nor both admit one push id; another worker's call may run
+    between two chunks of one large call, which changes nothing about correctness.
+    If Redis lost the script (restart, ``SCRIPT FLUSH``) it is loaded and only the
+    calls that did not run are sent again.
     """
 
     def __init__(

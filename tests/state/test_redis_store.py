@@ -1,0 +1,346 @@
+"""Redis-specific behaviour of the profile and guard stores (cache, layout, atomicity)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from flows.model import Profile
+from state.guards import Decision, GuardRequest, InMemoryGuardStore
+from state.redis_store import RedisGuardStore, RedisProfileStore
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts round trips (single commands and pipeline executes)."""
+
+    round_trips = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.round_trips += 1
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction=transaction, shard_hint=shard_hint)
+        execute = pipe.execute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.round_trips += 1
+            return execute(*args, **kwargs)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[CountingRedis]:
+    c = CountingRedis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    """A second client, standing for an operator or another worker."""
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield c
+    c.close()
+
+
+def server_calls(admin: redis.Redis, command: str) -> int:
+    stats: dict[str, Any] = admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+# --- profiles -------------------------------------------------------------------------
+
+
+def test_hash_layout_is_human_readable(client: CountingRedis, admin: redis.Redis) -> None:
+    store = RedisProfileStore(client)
+    store.put_many(
+        [
+            Profile(
+                "C1",
+                subscriptions=frozenset({"VOLTE", "5G"}),
+                configured=frozenset({"5G"}),
+                handset="Pixel",
+                prefs={"lang": ("en",)},
+                opt_out=True,
+                trials={"5G": T0},
+            ),
+            Profile("C2"),
+        ]
+    )
+    assert admin.hgetall("profile:C1") == {
+        "subscriptions": '["5G","VOLTE"]',
+        "configured": '["5G"]',
+        "prefs": '{"lang":["en"]}',
+        "trials": '{"5G":1700000000000}',
+        "handset": "Pixel",
+        "opt_out": "1",
+    }
+    assert admin.hgetall("profile:C2") == {
+        "subscriptions": "[]",
+        "configured": "[]",
+        "prefs": "{}",
+        "trials": "{}",
+        "opt_out": "0",
+    }
+
+
+def test_operator_edits_single_fields(client: CountingRedis, admin: redis.Redis) -> None:
+    admin.hset("profile:C3", mapping={"opt_out": "1", "segment": "gold"})
+    store = RedisProfileStore(client)
+    assert store.get("C3") == Profile("C3", opt_out=True, segment="gold")
+    assert store.bad_profiles == 0
+
+
+def test_cache_hit_costs_no_round_trip(client: CountingRedis, admin: redis.Redis) -> None:
+    clock = Clock()
+    store = RedisProfileStore(client, cache_ttl_s=5.0, now=clock)
+    store.put_many([Profile("C1", segment="gold")])
+    admin.config_resetstat()
+    client.round_trips = 0
+    for _ in range(100):
+        assert store.get("C1").segment == "gold"
+        assert store.get("nobody") == Profile("nobody")  # "no profile" is cached too
+        clock.t += 0.01
+    assert client.round_trips == 2
+    assert server_calls(admin, "hgetall") == 2
+    assert store.cache_hits == 198
+
+
+def test_changed_profile_seen_after_ttl(client: CountingRedis, admin: redis.Redis) -> None:
+    clock = Clock()
+    store = RedisProfileStore(client, cache_ttl_s=5.0, now=clock)
+    writer = RedisProfileStore(admin)  # another process
+    writer.put_many([Profile("C1", segment="silver")])
+    assert store.get("C1").segment == "silver"
+    writer.put_many([Profile("C1", segment="gold")])  # another process changes it
+    clock.t += 4.9
+    assert store.get("C1").segment == "silver"  # still cached
+    clock.t += 0.1
+    assert store.get("C1").segment == "gold"  # seen once the ttl has passed
+    # and a put through this store is seen at once
+    store.put_many([Profile("C1", segment="bronze")])
+    assert store.get("C1").segment == "bronze"
+
+
+def test_cache_ttl_zero_always_reads(client: CountingRedis) -> None:
+    store = RedisProfileStore(client, cache_ttl_s=0)
+    client.round_trips = 0
+    for _ in range(3):
+        store.get("C1")
+    assert client.round_trips == 3
+
+
+def test_cache_is_bounded_lru(client: CountingRedis) -> None:
+    clock = Clock()
+    store = RedisProfileStore(client, now=clock, max_cached=3)
+    for cid in ("A", "B", "C"):
+        store.get(cid)
+    store.get("A")  # A is now the most recent
+    store.get("D")  # evicts B
+    client.round_trips = 0
+    store.get("A")
+    store.get("C")
+    store.get("D")
+    assert client.round_trips == 0
+    store.get("B")
+    assert client.round_trips == 1
+
+
+def test_get_many_fetches_misses_in_one_pipeline(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    clock = Clock()
+    store = RedisProfileStore(client, now=clock)
+    profiles = [Profile(f"C{i}", segment=str(i)) for i in range(20)]
+    store.put_many(profiles)
+    store.get("C0")
+    store.get("C1")
+    admin.config_resetstat()
+    client.round_trips = 0
+    ids = [f"C{i}" for i in range(20)] + ["C5", "nobody"]
+    got = store.get_many(ids)
+    assert client.round_trips == 1
+    assert server_calls(admin, "hgetall") == 19  # 18 misses + nobody; C0/C1 cached
+    assert got == {p.customer_id: p for p in profiles} | {"nobody": Profile("nobody")}
+    client.round_trips = 0
+    assert store.get_many(ids) == got
+    assert client.round_trips == 0
+
+
+def test_put_many_is_one_round_trip(client: CountingRedis) -> None:
+    store = RedisProfileStore(client)
+    client.round_trips = 0
+    assert store.put_many(Profile(f"C{i}") for i in range(50)) == 50
+    assert client.round_trips == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"subscriptions": "not json"},
+        {"subscriptions": '"5G"'},
+        {"prefs": '{"lang": "en"}'},
+        {"trials": '{"5G": "yesterday"}'},
+        {"opt_out": "maybe"},
+        {"configured": "[1, 2]"},
+        {"handset": b"\xff\xfe"},
+    ],
+)
+def test_malformed_hash_is_empty_profile_and_counted(
+    client: CountingRedis, redis_url: str, fields: dict[str, Any]
+) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    raw.hset("profile:C1", mapping={"segment": "gold", **fields})
+    raw.close()
+    store = RedisProfileStore(client)
+    assert store.get("C1") == Profile("C1")
+    assert store.bad_profiles == 1
+    assert store.get_many(["C1", "C2"]) == {"C1": Profile("C1"), "C2": Profile("C2")}
+    assert store.bad_profiles == 1  # the empty profile was cached, not re-read
+
+
+def test_profile_store_works_with_decoded_responses(admin: redis.Redis) -> None:
+    store = RedisProfileStore(admin)
+    p = Profile("C1", subscriptions=frozenset({"5G"}), handset="h\u00e9", trials={"5G": T0})
+    store.put_many([p])
+    store.invalidate()
+    assert store.get("C1") == p
+
+
+# --- guards ---------------------------------------------------------------------------
+
+
+def test_guard_key_layout(client: CountingRedis, admin: redis.Redis) -> None:
+    store = RedisGuardStore(client)
+    r = GuardRequest("p1", "C1", T0, idempotency_ttl_ms=MIN, once_key="welcome",
+                     once_ttl_ms=MIN, cap=3, cap_window_ms=MIN)
+    assert store.admit([r]) == ["ok"]
+    assert admin.get("guard:id:p1") == str(T0 + MIN)
+    assert admin.get("guard:once:welcome") == str(T0 + MIN)
+    assert admin.zrange("guard:cap:C1", 0, -1, withscores=True) == [("p1", float(T0))]
+    for key in ("guard:id:p1", "guard:once:welcome", "guard:cap:C1"):
+        assert 0 < admin.pttl(key) <= MIN + 3_600_000
+    assert sorted(admin.keys("*")) == ["guard:cap:C1", "guard:id:p1", "guard:once:welcome"]
+
+
+def test_guard_one_round_trip_per_call_and_script_reload(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    store = RedisGuardStore(client, chunk=7)
+    admin.script_flush()
+    reqs = [GuardRequest(f"p{i}", "C1", T0 + i, cap=30) for i in range(50)]
+    assert store.admit(reqs[:25]) == ["ok"] * 25  # NOSCRIPT -> load -> retry
+    client.round_trips = 0
+    admin.config_resetstat()
+    assert store.admit(reqs[25:]) == ["ok"] * 5 + ["cap"] * 20
+    assert client.round_trips == 1
+    assert server_calls(admin, "evalsha") == 4  # 25 requests in chunks of 7
+
+
+def test_guard_matches_reference_on_random_traffic(client: CountingRedis) -> None:
+    rng = random.Random(1234)
+    ref = InMemoryGuardStore()
+    store = RedisGuardStore(client, chunk=13)
+    now = T0
+    seen: Counter[str] = Counter()
+    for _ in range(60):
+        batch = []
+        for _ in range(rng.randint(1, 40)):
+            now += rng.randint(-2 * MIN, 3 * MIN)  # out of order at times
+            once = rng.choice([None, None, "k1", "k2"])
+            batch.append(
+                GuardRequest(
+                    push_id=f"p{rng.randint(0, 150)}",
+                    customer_id=rng.choice(["C1", "C2", "C3"]),
+                    now_ms=now,
+                    idempotency_ttl_ms=rng.choice([0, 5 * MIN, 60 * MIN]),
+                    once_key=once,
+                    once_ttl_ms=rng.choice([0, 3 * MIN, 20 * MIN]),
+                    cap=rng.choice([0, 1, 3, 5]),
+                    cap_window_ms=rng.choice([MIN, 10 * MIN, 30 * MIN]),
+                )
+            )
+        got = store.admit(batch)
+        assert got == ref.admit(batch)
+        seen.update(got)
+    assert min(seen[d] for d in ("ok", "duplicate", "cap", "once")) >= 20, seen
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-store", "store-per-thread"])
+def test_guard_cap_is_atomic_under_concurrency(redis_url: str, shared: bool) -> None:
+    threads_n, per_thread, cap = 4, 50, 3
+    clients = [redis.Redis.from_url(redis_url) for _ in range(threads_n)]
+    common = RedisGuardStore(clients[0])
+    stores = [common if shared else RedisGuardStore(c) for c in clients]
+    barrier = threading.Barrier(threads_n)
+    results: list[list[Decision]] = [[] for _ in range(threads_n)]
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                req = GuardRequest(f"t{t}-p{i}", "C1", T0 + i, cap=cap, cap_window_ms=60 * MIN)
+                results[t] += stores[t].admit([req])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    for c in clients:
+        c.close()
+    assert not errors
+    flat = [d for r in results for d in r]
+    assert len(flat) == threads_n * per_thread
+    assert flat.count("ok") == cap
+    assert flat.count("cap") == threads_n * per_thread - cap
+
+
+def test_guard_duplicate_is_atomic_under_concurrency(redis_url: str) -> None:
+    """The same push from 8 workers at once: exactly one is admitted."""
+    clients = [redis.Redis.from_url(redis_url) for _ in range(8)]
+    barrier = threading.Barrier(8)
+    out: list[Decision] = []
+    lock = threading.Lock()
+
+    def work(c: redis.Redis) -> None:
+        store = RedisGuardStore(c)
+        barrier.wait()
+        d = store.admit([GuardRequest(f"p{i}", "C1", T0) for i in range(20)])
+        with lock:
+            out.extend(d)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    for c in clients:
+        c.close()
+    assert out.count("ok") == 20
+    assert out.count("duplicate") == 7 * 20
