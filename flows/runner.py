@@ -44,6 +44,9 @@ def replay(settings: Settings, events: Path) -> Path:
     assert settings.out_dir is not None
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A sink partition that receives nothing is never built: start every file empty.
+    for name in ("pushes.jsonl", "alerts.jsonl", "dead_letters.jsonl", "stats.json"):
+        (out / name).write_bytes(b"")
     profiles = InMemoryProfileStore(
         read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
     )
