@@ -1,0 +1,625 @@
+"""Kafka connectors: an input of :class:`RawRecord`, an output of :class:`KafkaMessage`.
+
+House style: a connector is a public settings object plus a private partition class
+that does the I/O. Clients (consumers, producers) are made in ``build_part()`` /
+``build()``, never in ``__init__``, so a connector object is cheap, picklable and
+safe to construct on any worker.
+
+* :class:`KafkaInput` reads each topic partition with its own ``assign()``-ed
+  consumer (no consumer-group join: fast to start, and Bytewax recovery owns the
+  offsets). Its resume state is the next offset to read.
+* :class:`KafkaOutput` produces with an idempotent producer, registers a delivery
+  callback on every message and fails the flow with :class:`KafkaDeliveryError`
+  when a message could not be delivered (so recovery replays instead of losing it).
+  A full local queue (``BufferError``) is back-pressure: it waits and retries,
+  never drops.
+* :func:`create_topics` creates missing topics, idempotently.
+
+Nothing here logs secrets: configuration is logged only through :func:`mask_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it untyped
+
+from flows.model import Format, RawRecord
+
+__all__ = [
+    "DEFAULT_TOPIC_CONFIG",
+    "ConfigValue",
+    "KafkaConsumeError",
+    "KafkaDeliveryError",
+    "KafkaInput",
+    "KafkaMessage",
+    "KafkaOutput",
+    "create_topics",
+    "mask_config",
+]
+
+log = logging.getLogger(__name__)
+
+ConfigValue: TypeAlias = str | int | float | bool
+"""A librdkafka configuration value (the type of ``KafkaSettings.config`` values)."""
+
+_SECRET_MARKERS: Final = ("password", "secret", "sasl", "ssl.key")
+
+DEFAULT_TOPIC_CONFIG: Final[Mapping[str, str]] = {"retention.ms": str(7 * 24 * 3600 * 1000)}
+"""Topic configuration :func:`create_topics` sets unless told otherwise.
+
+``retention.ms`` is set explicitly because Tansu reports no topic configuration
+(``DescribeConfigs`` answers empty) for a topic created without it, and some clients
+expect to find it.
+"""
+
+# Consumer-level errors librdkafka recovers from by itself (it reconnects); a broker
+# blip must not crash a live flow. Every other error on a message raises.
+_TRANSIENT_CONSUMER_ERRORS: Final = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+# Errors librdkafka reports only to ``error_cb`` (not through consume()) that mean the
+# assigned partition cannot be read; other error_cb reports are informational.
+_PARTITION_GONE_ERRORS: Final = frozenset(
+    {
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    }
+)
+
+
+def mask_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a librdkafka config safe to log.
+
+    Values of keys containing ``password``, ``secret``, ``sasl`` or ``ssl.key`` are
+    replaced by ``"***"``.
+    """
+    return {
+        k: "***" if any(m in k.lower() for m in _SECRET_MARKERS) else v for k, v in config.items()
+    }
+
+
+def _base_config(brokers: str, extra: Mapping[str, ConfigValue] | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"bootstrap.servers": brokers}
+    if extra:
+        config.update(extra)
+    return config
+
+
+# --- input ----------------------------------------------------------------------------
+
+
+class KafkaConsumeError(RuntimeError):
+    """The consumer reported an error that is neither end-of-partition nor transient."""
+
+
+class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
+    """One topic partition read through an ``assign()``-ed consumer."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        topic: str,
+        partition: int,
+        fmt: Format,
+        start: int,
+        batch_size: int,
+        poll_timeout_s: float,
+        stop_after: int | None,
+        eof_when_idle_s: float | None,
+        metadata_timeout_s: float,
+    ) -> None:
+        self._topic = topic
+        self._partition = partition
+        self._fmt: Format = fmt
+        self._source = f"{topic}/{partition}"
+        # The next offset to read, or a logical one (OFFSET_BEGINNING / OFFSET_END)
+        # until the first message tells us where we are.
+        self._next = start
+        self._batch_size = batch_size
+        self._poll_timeout_s = poll_timeout_s
+        self._left = stop_after
+        self._eof_when_idle_s = eof_when_idle_s
+        # The idle clock starts at the first answer (a record or end-of-partition),
+        # not at build: connecting and the first fetch can take a while.
+        self._last_activity: float | None = None
+        self._done = False
+        self._error: KafkaError | None = None
+        self._consumer = Consumer({**config, "error_cb": self._on_error})
+        if start == OFFSET_END:
+            # Resolve "the end" to a real offset now, so that a snapshot taken before
+            # the first record is a real offset too (resuming at OFFSET_END would skip
+            # what arrived in between). On Tansu this is the last batch's base
+            # offset + 1, so up to that batch's other records are read again:
+            # duplicates, never losses. Same value librdkafka's OFFSET_END uses.
+            try:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=metadata_timeout_s
+                )
+                if high is not None and high >= 0:
+                    start = self._next = high
+            except KafkaException as exc:
+                log.warning("kafka input %s: end offset unknown (%s); tailing", self._source, exc)
+        log.debug("kafka input %s from %s, config %s", self._source, start, mask_config(config))
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Called from consume() on this thread.
+        if err.fatal() or err.code() in _PARTITION_GONE_ERRORS:
+            self._error = self._error or err
+        else:
+            log.warning("kafka input %s: %s", self._source, err)
+
+    def next_batch(self) -> list[RawRecord]:
+        """Up to ``batch_size`` records; empty when nothing arrived within the timeout.
+
+        :raises KafkaConsumeError: on a consumer error other than end-of-partition
+            or a transient connection error (librdkafka reconnects by itself).
+        """
+        if self._done:
+            raise StopIteration
+        msgs: list[Message] = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        if self._error is not None:
+            raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {self._error}")
+        batch: list[RawRecord] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                code = err.code()
+                if code == KafkaError._PARTITION_EOF:
+                    if self._last_activity is None:
+                        self._last_activity = time.monotonic()
+                    continue
+                if code in _TRANSIENT_CONSUMER_ERRORS and not err.fatal():
+                    log.warning("kafka input %s: %s (librdkafka retries)", self._source, err)
+                    continue
+                raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {err}")
+            offset = msg.offset()
+            if offset is None:
+                continue
+            if self._next >= 0 and offset < self._next:
+                continue  # never re-emit what the resume state says was read
+            value: bytes | None = msg.value()
+            batch.append(
+                RawRecord(
+                    source=self._source,
+                    pos=offset,
+                    # A tombstone (null value) becomes b"" so decoding dead-letters it.
+                    value=b"" if value is None else value,
+                    key=msg.key(),
+                    fmt=self._fmt,
+                )
+            )
+            self._next = offset + 1
+            if self._left is not None:
+                self._left -= 1
+                if self._left <= 0:
+                    self._done = True
+                    break
+        now = time.monotonic()
+        if batch:
+            self._last_activity = now
+        elif (
+            self._eof_when_idle_s is not None
+            and self._last_activity is not None
+            and now - self._last_activity >= self._eof_when_idle_s
+        ):
+            self._done = True
+            raise StopIteration
+        return batch
+
+    def snapshot(self) -> int:
+        """The next offset to read.
+
+        Before the first message it is the start position: a real offset when
+        resuming or tailing, else ``OFFSET_BEGINNING`` (-2) until librdkafka knows
+        the real position (``OFFSET_END`` (-1) only if the end could not be resolved).
+        """
+        if self._next < 0:
+            try:
+                (tp,) = self._consumer.position([TopicPartition(self._topic, self._partition)])
+                if tp.error is None and tp.offset >= 0:
+                    self._next = tp.offset
+            except KafkaException:
+                pass
+        return self._next
+
+    def close(self) -> None:
+        """Close the consumer (no offsets are committed: the snapshot is the state)."""
+        self._consumer.close()
+
+
+class KafkaInput(FixedPartitionedSource[RawRecord, int]):
+    """Read Kafka topics as :class:`RawRecord` s, one Bytewax partition per topic partition.
+
+    Each record has ``source="topic/partition"``, ``pos`` the offset, the message
+    key, the value (``b""`` for a tombstone) and ``fmt`` the topic's wire format.
+    No consumer group is joined (``assign()``); the resume state of a partition is
+    the next offset to read, so Bytewax recovery resumes exactly after the last
+    snapshot.
+
+    ``stop_after`` and ``eof_when_idle_s`` make the otherwise endless source finite,
+    for tests and replays: a partition ends after emitting ``stop_after`` records,
+    or after ``eof_when_idle_s`` seconds without a record, counted from its last
+    record or, before any, from the first time it reached the end of the partition
+    (so a slow first connection does not end it early). Both apply per partition;
+    leave them ``None`` in live mode.
+    """
+
+    def __init__(
+        self,
+        brokers: str,
+        topics: Mapping[str, Format],
+        config: Mapping[str, ConfigValue] | None = None,
+        *,
+        tail: bool = False,
+        batch_size: int = 1000,
+        poll_timeout_s: float = 0.001,
+        fetch_wait_max_ms: int = 5,
+        fetch_queue_backoff_ms: int = 1,
+        fetch_min_bytes: int = 1,
+        group_id: str = "touchstream",
+        stop_after: int | None = None,
+        eof_when_idle_s: float | None = None,
+        metadata_timeout_s: float = 10.0,
+    ) -> None:
+        """Describe the input; nothing connects until Bytewax builds it.
+
+        :arg brokers: bootstrap servers, ``"host:port[,host:port...]"``.
+        :arg topics: topic name -> wire format (``"json"`` or ``"msgpack"``).
+        :arg config: extra librdkafka properties, passed through untouched
+            (SASL, SSL, ...); they override the defaults set here.
+        :arg tail: without resume state, start at the end (``True``) or the
+            beginning (``False``) of each partition.
+        :arg batch_size: most records one ``next_batch()`` returns.
+        :arg poll_timeout_s: how long one ``next_batch()`` waits for a full batch.
+        :arg fetch_wait_max_ms: librdkafka ``fetch.wait.max.ms``.
+        :arg fetch_queue_backoff_ms: librdkafka ``fetch.queue.backoff.ms``.
+        :arg fetch_min_bytes: librdkafka ``fetch.min.bytes``.
+        :arg group_id: ``group.id`` (librdkafka needs one; no group is joined and
+            nothing is committed).
+        :arg stop_after: end each partition after this many records (tests, replay).
+        :arg eof_when_idle_s: end each partition after this long without a record.
+        :arg metadata_timeout_s: timeout of the metadata calls (``list_parts()``,
+            and resolving the end offset when tailing).
+        """
+        if not topics:
+            raise ValueError("KafkaInput needs at least one topic")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if stop_after is not None and stop_after < 1:
+            raise ValueError("stop_after must be at least 1")
+        self.brokers = brokers
+        self.topics: dict[str, Format] = dict(topics)
+        self.config: dict[str, ConfigValue] = dict(config or {})
+        self.tail = tail
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.fetch_wait_max_ms = fetch_wait_max_ms
+        self.fetch_queue_backoff_ms = fetch_queue_backoff_ms
+        self.fetch_min_bytes = fetch_min_bytes
+        self.group_id = group_id
+        self.stop_after = stop_after
+        self.eof_when_idle_s = eof_when_idle_s
+        self.metadata_timeout_s = metadata_timeout_s
+
+    def consumer_config(self) -> dict[str, Any]:
+        """The librdkafka consumer configuration each partition uses."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.brokers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # End-of-partition events only start the idle clock of eof_when_idle_s.
+            "enable.partition.eof": self.eof_when_idle_s is not None,
+            "fetch.wait.max.ms": self.fetch_wait_max_ms,
+            "fetch.queue.backoff.ms": self.fetch_queue_backoff_ms,
+            "fetch.min.bytes": self.fetch_min_bytes,
+        }
+        config.update(self.config)
+        return config
+
+    def list_parts(self) -> list[str]:
+        """Every partition of every topic, as ``"topic/partition"`` (a metadata call each).
+
+        A missing topic raises :class:`KafkaConsumeError`; it is not auto-created
+        (Tansu would otherwise create it, with its default partition count, on the
+        metadata request).
+        """
+        config = {"allow.auto.create.topics": False, **_base_config(self.brokers, self.config)}
+        admin = AdminClient(config)
+        parts: list[str] = []
+        for topic in self.topics:
+            md = admin.list_topics(topic, timeout=self.metadata_timeout_s)
+            tmd = md.topics.get(topic)
+            if tmd is None or tmd.error is not None:
+                why = "not found" if tmd is None else str(tmd.error)
+                raise KafkaConsumeError(f"cannot list partitions of Kafka topic {topic!r}: {why}")
+            parts.extend(f"{topic}/{p}" for p in sorted(tmd.partitions))
+        return parts
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
+        """Open one partition at ``resume_state`` (the next offset), else beginning/end."""
+        topic, _, idx = for_part.rpartition("/")
+        if topic not in self.topics:
+            raise ValueError(
+                f"partition {for_part!r} is not of a configured topic; "
+                "resuming with a different set of topics is not supported"
+            )
+        if resume_state is not None:
+            start = resume_state
+        else:
+            start = OFFSET_END if self.tail else OFFSET_BEGINNING
+        return _KafkaPartition(
+            self.consumer_config(),
+            topic,
+            int(idx),
+            self.topics[topic],
+            start,
+            self.batch_size,
+            self.poll_timeout_s,
+            self.stop_after,
+            self.eof_when_idle_s,
+            self.metadata_timeout_s,
+        )
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaMessage:
+    """One message for :class:`KafkaOutput`."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class KafkaDeliveryError(RuntimeError):
+    """Messages could not be delivered; raised so the flow fails and recovery replays.
+
+    ``failures`` lists ``(topic, error)`` pairs (at most the first 20 seen).
+    """
+
+    def __init__(self, failures: Iterable[tuple[str, str]], count: int, note: str = "") -> None:
+        self.failures = list(failures)
+        self.count = count
+        shown = "; ".join(f"topic {t!r}: {e}" for t, e in self.failures)
+        more = f" (+{count - len(self.failures)} more)" if count > len(self.failures) else ""
+        super().__init__(f"{count} Kafka message(s) not delivered{note}: {shown}{more}")
+
+
+_MAX_KEPT_FAILURES: Final = 20
+
+
+class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
+    """One idempotent producer with a delivery callback on every message."""
+
+    def __init__(self, config: dict[str, Any], retry_poll_s: float, flush_timeout_s: float):
+        log.debug("kafka output config %s", mask_config(config))
+        self._producer = Producer(config)
+        self._retry_poll_s = retry_poll_s
+        self._flush_timeout_s = flush_timeout_s
+        self.delivered = 0
+        self.failed = 0
+        self.buffer_waits = 0
+        self._new_failures: list[tuple[str, str]] = []
+        self._new_failure_count = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self._fail(str(msg.topic()), str(err))
+
+    def _fail(self, topic: str, error: str) -> None:
+        self.failed += 1
+        self._new_failure_count += 1
+        if len(self._new_failures) < _MAX_KEPT_FAILURES:
+            self._new_failures.append((topic, error))
+
+    def _raise_failures(self, note: str = "") -> None:
+        if self._new_failure_count:
+            failures, count = self._new_failures, self._new_failure_count
+            self._new_failures, self._new_failure_count = [], 0
+            raise KafkaDeliveryError(failures, count, note)
+
+    def _produce(self, m: KafkaMessage) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    m.topic,
+                    value=m.value,
+                    key=m.key,
+                    headers=list(m.headers) if m.headers else None,
+                    on_delivery=self._on_delivery,
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports until it fits.
+                self.buffer_waits += 1
+                self._producer.poll(self._retry_poll_s)
+                self._raise_failures()
+            except KafkaException as exc:
+                # Refused before queueing (e.g. larger than message.max.bytes).
+                self._fail(m.topic, str(exc.args[0] if exc.args else exc))
+                self._raise_failures()
+
+    def write_batch(self, items: list[KafkaMessage]) -> None:
+        """Queue every message (waiting when the queue is full), then serve callbacks.
+
+        :raises KafkaDeliveryError: if any message failed since the last call.
+        """
+        for m in items:
+            self._produce(m)
+        self._producer.poll(0)
+        self._raise_failures()
+
+    def close(self) -> None:
+        """Flush within the timeout; raise if anything failed or is still undelivered."""
+        remaining: int = self._producer.flush(self._flush_timeout_s)
+        self._raise_failures()
+        if remaining:
+            raise KafkaDeliveryError(
+                [], remaining, f" (still queued after {self._flush_timeout_s}s flush)"
+            )
+
+
+class KafkaOutput(DynamicSink[KafkaMessage]):
+    """Write :class:`KafkaMessage` s to Kafka, failing loudly on any undelivered message.
+
+    Unlike Bytewax's own ``KafkaSink``, every message carries a delivery callback:
+    a broker-side failure raises :class:`KafkaDeliveryError` from the next
+    ``write_batch()`` (or from ``close()``), and a full local queue
+    (``BufferError``) waits for room instead of crashing or dropping.
+    ``delivered`` and ``failed`` count over all partitions built from this object
+    in this process.
+    """
+
+    def __init__(
+        self,
+        brokers: str,
+        config: Mapping[str, ConfigValue] | None = None,
+        *,
+        linger_ms: int = 1,
+        max_queued_messages: int = 100_000,
+        retry_poll_s: float = 0.05,
+        flush_timeout_s: float = 30.0,
+    ) -> None:
+        """Describe the output; nothing connects until Bytewax builds it.
+
+        :arg brokers: bootstrap servers, ``"host:port[,host:port...]"``.
+        :arg config: extra librdkafka properties, passed through untouched
+            (SASL, SSL, ...); they override the defaults set here.
+        :arg linger_ms: librdkafka ``linger.ms``.
+        :arg max_queued_messages: librdkafka ``queue.buffering.max.messages``, the
+            bound of the local queue; when full, writes wait.
+        :arg retry_poll_s: how long to serve callbacks before retrying a full queue.
+        :arg flush_timeout_s: how long ``close()`` waits for outstanding deliveries.
+        """
+        self.brokers = brokers
+        self.config: dict[str, ConfigValue] = dict(config or {})
+        self.linger_ms = linger_ms
+        self.max_queued_messages = max_queued_messages
+        self.retry_poll_s = retry_poll_s
+        self.flush_timeout_s = flush_timeout_s
+        self._parts: list[_ProducerPartition] = []
+
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka producer configuration each partition uses."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.brokers,
+            "enable.idempotence": True,
+            # A message to a missing topic fails (after message.timeout.ms) instead
+            # of creating the topic with the broker's default partition count.
+            "allow.auto.create.topics": False,
+            "linger.ms": self.linger_ms,
+            "queue.buffering.max.messages": self.max_queued_messages,
+        }
+        config.update(self.config)
+        return config
+
+    @property
+    def delivered(self) -> int:
+        """Messages the broker acknowledged."""
+        return sum(p.delivered for p in self._parts)
+
+    @property
+    def failed(self) -> int:
+        """Messages that could not be delivered."""
+        return sum(p.failed for p in self._parts)
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProducerPartition:
+        """Make this worker's producer."""
+        part = _ProducerPartition(self.producer_config(), self.retry_poll_s, self.flush_timeout_s)
+        self._parts.append(part)
+        return part
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the description only, never built producers."""
+        state = self.__dict__.copy()
+        state["_parts"] = []
+        return state
+
+
+# --- admin ----------------------------------------------------------------------------
+
+
+def create_topics(
+    brokers: str,
+    topics: Mapping[str, int],
+    replication_factor: int = 1,
+    extra_config: Mapping[str, ConfigValue] | None = None,
+    *,
+    topic_config: Mapping[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    Idempotent: existing topics are left as they are (a warning is logged when one
+    has fewer partitions than asked for).
+
+    :arg topics: topic name -> partition count.
+    :arg extra_config: librdkafka properties for the admin client (SASL, SSL, ...).
+    :arg topic_config: topic properties; default :data:`DEFAULT_TOPIC_CONFIG`
+        (``retention.ms`` set explicitly).
+    """
+    admin = AdminClient(_base_config(brokers, extra_config))
+    existing = admin.list_topics(timeout=timeout_s).topics
+    for name, want in topics.items():
+        if name in existing and len(existing[name].partitions) < want:
+            log.warning(
+                "Kafka topic %r has %d partitions, fewer than %d; left as is",
+                name,
+                len(existing[name].partitions),
+                want,
+            )
+    new = [
+        NewTopic(
+            name,
+            num_partitions=n,
+            replication_factor=replication_factor,
+            config=dict(DEFAULT_TOPIC_CONFIG if topic_config is None else topic_config),
+        )
+        for name, n in topics.items()
+        if name not in existing
+    ]
+    if not new:
+        return []
+    created: list[str] = []
+    for name, fut in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            fut.result(timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue  # created concurrently by someone else: fine
+            raise
+    # Wait until the new topics show up in metadata (immediate on Tansu).
+    deadline = time.monotonic() + timeout_s
+    while created and time.monotonic() < deadline:
+        md = admin.list_topics(timeout=timeout_s).topics
+        if all(name in md and md[name].error is None for name in created):
+            break
+        time.sleep(0.05)
+    log.info("created Kafka topics %s", created)
+    return sorted(created)

@@ -1,0 +1,439 @@
+"""KafkaInput / KafkaOutput / create_topics against a real Tansu broker.
+
+Outside clients: confluent-kafka (librdkafka) and kafka-python (pure Python), both
+reading with ``assign()`` (no consumer-group join).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from connectors.kafka import (
+    KafkaConsumeError,
+    KafkaDeliveryError,
+    KafkaInput,
+    KafkaMessage,
+    KafkaOutput,
+    create_topics,
+    mask_config,
+)
+from flows.codec import json_dumps, pack
+from flows.model import DeadLetter, Envelope, RawRecord, decode_record
+
+TopicFactory = Callable[..., str]
+
+# kafka-python 3.0.12 loads its protocol schemas with the deprecated importlib API.
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*is deprecated. Use files\(\) instead")
+
+
+def _calls(cid: str, n: int) -> dict[str, Any]:
+    return {
+        "type": "calls",
+        "customer_id": cid,
+        "ts": 1_700_000_000_000 + n,
+        "event_id": f"{cid}-{n}",
+        "interval_s": 60,
+        "calls_in": n,
+        "calls_out": 0,
+        "missed": 0,
+    }
+
+
+def _produce(brokers: str, topic: str, items: list[tuple[int, bytes | None, bytes | None]]) -> None:
+    """Produce (partition, key, value) with confluent-kafka; fail on any error."""
+    p = Producer({"bootstrap.servers": brokers, "linger.ms": 1})
+    errors: list[Any] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
+    for part, key, value in items:
+        p.produce(topic, key=key, value=value, partition=part, on_delivery=on_delivery)
+    assert p.flush(10) == 0
+    assert errors == []
+
+
+def _run_input(src: KafkaInput) -> list[RawRecord]:
+    out: list[RawRecord] = []
+    flow = Dataflow("kafka_in")
+    op.output("out", op.input("in", flow, src), TestingSink(out))
+    run_main(flow)
+    return out
+
+
+def _drain(part: Any, want: int, timeout_s: float = 10.0) -> list[RawRecord]:
+    got: list[RawRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        got.extend(part.next_batch())
+    return got
+
+
+def _read_back(brokers: str, topic: str, n: int, partitions: int = 1) -> list[Message]:
+    c = Consumer(
+        {
+            "bootstrap.servers": brokers,
+            "group.id": "readback",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+        }
+    )
+    c.assign([TopicPartition(topic, i, OFFSET_BEGINNING) for i in range(partitions)])
+    got: list[Message] = []
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        got.extend(m for m in c.consume(n - len(got), 0.1) if m.error() is None)
+    # nothing beyond what was expected
+    got.extend(m for m in c.consume(10, 0.2) if m.error() is None)
+    c.close()
+    return got
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+# --- input ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_input_reads_json_and_msgpack_and_survives_tombstone(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    tj, tm = tansu_topic(2), tansu_topic(1)
+    _produce(
+        tansu,
+        tj,
+        [(0, b"c1", json_dumps(_calls("c1", i))) for i in range(3)]
+        + [(1, b"c2", json_dumps(_calls("c2", i))) for i in range(2)]
+        + [(1, b"c2", None)],  # tombstone
+    )
+    _produce(tansu, tm, [(0, None, pack(_calls("c3", i))) for i in range(3)])
+
+    src = KafkaInput(tansu, {tj: "json", tm: "msgpack"}, stop_after=3, eof_when_idle_s=10)
+    assert src.list_parts() == [f"{tj}/0", f"{tj}/1", f"{tm}/0"]
+    t0 = time.monotonic()
+    recs = _run_input(src)
+    assert time.monotonic() - t0 < 10
+
+    by = {(r.source, r.pos): r for r in recs}
+    assert len(by) == len(recs) == 9
+    assert sorted(by) == sorted(
+        [(f"{tj}/0", i) for i in range(3)]
+        + [(f"{tj}/1", i) for i in range(3)]
+        + [(f"{tm}/0", i) for i in range(3)]
+    )
+    assert {r.fmt for r in recs if r.source.startswith(tj)} == {"json"}
+    assert {r.fmt for r in recs if r.source.startswith(tm)} == {"msgpack"}
+    assert by[(f"{tj}/0", 2)].key == b"c1"
+    assert by[(f"{tm}/0", 0)].key is None
+    tomb = by[(f"{tj}/1", 2)]
+    assert tomb.value == b""
+    assert tomb.key == b"c2"
+
+    decoded = [decode_record(r) for r in recs]
+    envelopes = [d for d in decoded if isinstance(d, Envelope)]
+    dead = [d for d in decoded if isinstance(d, DeadLetter)]
+    assert len(envelopes) == 8
+    assert {e.event.customer_id for e in envelopes} == {"c1", "c2", "c3"}
+    assert [(d.reason, d.pos) for d in dead] == [("invalid_json", 2)]
+
+
+@pytest.mark.integration
+def test_input_ends_when_idle(tansu: str, tansu_topic: TopicFactory) -> None:
+    t, empty = tansu_topic(1), tansu_topic(1)
+    _produce(tansu, t, [(0, b"k", b"1"), (0, b"k", b"2")])
+    t0 = time.monotonic()
+    recs = _run_input(KafkaInput(tansu, {t: "json", empty: "json"}, eof_when_idle_s=0.3))
+    assert [r.value for r in recs] == [b"1", b"2"]
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.integration
+def test_list_parts_of_a_missing_topic_raises_and_does_not_create_it(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    t, missing = tansu_topic(2), f"missing-{uuid.uuid4().hex[:8]}"
+    assert KafkaInput(tansu, {t: "json"}).list_parts() == [f"{t}/0", f"{t}/1"]
+    with pytest.raises(KafkaConsumeError, match=missing):
+        KafkaInput(tansu, {t: "json", missing: "json"}).list_parts()
+    topics = AdminClient({"bootstrap.servers": tansu}).list_topics(timeout=5).topics
+    assert missing not in topics
+
+
+@pytest.mark.integration
+def test_resume_from_snapshot_reads_only_the_remainder(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    t = tansu_topic(1)
+    _produce(tansu, t, [(0, b"k", b"%d" % i) for i in range(10)])
+    src = KafkaInput(tansu, {t: "json"}, batch_size=4)
+
+    first = src.build_part("in", f"{t}/0", None)
+    got = _drain(first, 4)
+    assert [r.pos for r in got] == list(range(len(got)))
+    snap = first.snapshot()
+    assert snap == got[-1].pos + 1
+    first.close()
+
+    second = src.build_part("in", f"{t}/0", snap)
+    rest = _drain(second, 10 - snap)
+    rest.extend(second.next_batch())  # and nothing more
+    assert [r.pos for r in rest] == list(range(snap, 10))
+    assert [r.value for r in rest] == [b"%d" % i for i in range(snap, 10)]
+    assert second.snapshot() == 10
+    second.close()
+
+
+@pytest.mark.integration
+def test_consumer_error_raises(tansu: str, tansu_topic: TopicFactory) -> None:
+    """A partition that cannot be read (here: it does not exist) fails the flow.
+
+    librdkafka reports this only to ``error_cb`` when partitions are assign()-ed.
+    """
+    t = tansu_topic(1)
+    part = KafkaInput(tansu, {t: "json"}).build_part("in", f"{t}/3", None)
+    with pytest.raises(KafkaConsumeError, match=f"{t}/3.*nknown partition"):
+        _drain(part, 1, timeout_s=10.0)
+    part.close()
+
+
+@pytest.mark.integration
+def test_tail_starts_at_the_end(tansu: str, tansu_topic: TopicFactory) -> None:
+    t = tansu_topic(1)
+    _produce(tansu, t, [(0, None, b"old%d" % i) for i in range(5)])
+    # The last batch holds one message, so Tansu's end offset is exact (see below).
+    _produce(tansu, t, [(0, None, b"old5")])
+    part = KafkaInput(tansu, {t: "json"}, tail=True).build_part("in", f"{t}/0", None)
+    assert part.snapshot() == 6  # a real offset even before the first record
+    assert _drain(part, 1, timeout_s=1.0) == []
+    _produce(tansu, t, [(0, None, b"new0"), (0, None, b"new1")])
+    got = _drain(part, 2)
+    assert [(r.pos, r.value) for r in got] == [(6, b"new0"), (7, b"new1")]
+    assert part.snapshot() == 8
+    part.close()
+
+
+@pytest.mark.integration
+def test_tail_on_tansu_rereads_at_most_the_last_batch(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    """Tansu 0.6.0 answers ListOffsets(latest) with the last batch's base offset + 1.
+
+    So a tail start lands inside the last batch: its later messages are read again
+    (duplicates), and nothing is lost. Real Kafka answers last offset + 1.
+    """
+    t = tansu_topic(1)
+    _produce(tansu, t, [(0, None, b"old%d" % i) for i in range(5)])  # one batch, 0..4
+    c = Consumer({"bootstrap.servers": tansu, "group.id": "wm"})
+    _low, high = c.get_watermark_offsets(TopicPartition(t, 0), timeout=5)
+    c.close()
+    part = KafkaInput(tansu, {t: "json"}, tail=True).build_part("in", f"{t}/0", None)
+    old = _drain(part, 5, timeout_s=1.0)
+    assert [r.pos for r in old] == list(range(high, 5))
+    _produce(tansu, t, [(0, None, b"new0")])
+    got = _drain(part, 1)
+    assert [(r.pos, r.value) for r in got] == [(5, b"new0")]
+    part.close()
+
+
+# --- output --------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_output_writes_with_headers(tansu: str, tansu_topic: TopicFactory) -> None:
+    t = tansu_topic(1)
+    msgs = [
+        KafkaMessage(t, b"k%d" % i, b"v%d" % i, (("trace", b"%d" % i), ("kind", b"push")))
+        for i in range(20)
+    ] + [KafkaMessage(t, None, b"nokey")]
+    out = KafkaOutput(tansu)
+    flow = Dataflow("kafka_out")
+    op.output("out", op.input("in", flow, TestingSource(msgs)), out)
+    run_main(flow)
+    assert (out.delivered, out.failed) == (21, 0)
+
+    got = _read_back(tansu, t, 21)
+    assert [(m.key(), m.value()) for m in got] == [(m.key, m.value) for m in msgs]
+    assert [tuple(m.headers() or ()) for m in got] == [m.headers for m in msgs]
+
+
+@pytest.mark.integration
+def test_delivery_failure_fails_the_flow(tansu: str) -> None:
+    missing = f"no-such-topic-{uuid.uuid4().hex[:8]}"
+    # allow.auto.create.topics is off by default in KafkaOutput
+    out = KafkaOutput(tansu, {"message.timeout.ms": 1000})
+    flow = Dataflow("kafka_out_fail")
+    op.output("out", op.input("in", flow, TestingSource([KafkaMessage(missing, None, b"x")])), out)
+    with pytest.raises(Exception) as info:  # bytewax wraps the sink's exception
+        run_main(flow)
+    errs = [e for e in _chain(info.value) if isinstance(e, KafkaDeliveryError)]
+    assert errs, f"no KafkaDeliveryError in {_chain(info.value)!r}"
+    assert errs[0].failures[0][0] == missing
+    assert missing in str(errs[0])
+    assert (out.delivered, out.failed) == (0, 1)
+    topics = AdminClient({"bootstrap.servers": tansu}).list_topics(timeout=5).topics
+    assert missing not in topics
+
+
+@pytest.mark.integration
+def test_message_too_large_raises_and_producer_keeps_working(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    t = tansu_topic(1)
+    part = KafkaOutput(tansu, {"message.max.bytes": 1000}).build("out", 0, 1)
+    with pytest.raises(KafkaDeliveryError, match=r"MSG_SIZE_TOO_LARGE|too large") as info:
+        part.write_batch([KafkaMessage(t, None, b"x" * 5000)])
+    assert info.value.failures[0][0] == t
+    part.write_batch([KafkaMessage(t, None, b"small")])
+    part.close()
+    assert (part.delivered, part.failed) == (1, 1)
+    assert [m.value() for m in _read_back(tansu, t, 1)] == [b"small"]
+
+
+@pytest.mark.integration
+def test_full_queue_is_back_pressure_not_loss(tansu: str, tansu_topic: TopicFactory) -> None:
+    t = tansu_topic(1)
+    out = KafkaOutput(tansu, max_queued_messages=2)
+    part = out.build("out", 0, 1)
+    msgs = [KafkaMessage(t, None, b"%d" % i) for i in range(500)]
+    part.write_batch(msgs[:250])
+    part.write_batch(msgs[250:])
+    part.close()
+    assert part.buffer_waits > 0  # BufferError was hit and handled
+    assert (out.delivered, out.failed) == (500, 0)
+    assert [m.value() for m in _read_back(tansu, t, 500)] == [m.value for m in msgs]
+
+
+@pytest.mark.integration
+def test_full_queue_in_a_dataflow(tansu: str, tansu_topic: TopicFactory) -> None:
+    t = tansu_topic(1)
+    out = KafkaOutput(tansu, max_queued_messages=2)
+    msgs = [KafkaMessage(t, b"k", b"%d" % i) for i in range(500)]
+    flow = Dataflow("kafka_out_bp")
+    op.output("out", op.input("in", flow, TestingSource(msgs, batch_size=100)), out)
+    run_main(flow)
+    assert (out.delivered, out.failed) == (500, 0)
+    assert [m.value() for m in _read_back(tansu, t, 500)] == [m.value for m in msgs]
+
+
+# --- kafka-python as the outside client ----------------------------------------------
+
+
+@pytest.mark.integration
+def test_kafka_python_producer_to_kafka_input(tansu: str, tansu_topic: TopicFactory) -> None:
+    from kafka import KafkaProducer
+
+    t = tansu_topic(2)
+    prod = KafkaProducer(bootstrap_servers=tansu)
+    futures = [
+        prod.send(
+            t,
+            key=b"c%d" % (i % 2),
+            value=json_dumps(_calls(f"c{i % 2}", i)),
+            partition=i % 2,
+            headers=[("h", b"1")],
+        )
+        for i in range(6)
+    ]
+    prod.flush(10)
+    meta = [f.get(10) for f in futures]
+    prod.close()
+    assert sorted((m.partition, m.offset) for m in meta) == [
+        (p, o) for p in (0, 1) for o in (0, 1, 2)
+    ]
+
+    recs = _run_input(KafkaInput(tansu, {t: "json"}, stop_after=3, eof_when_idle_s=10))
+    assert sorted((r.source, r.pos) for r in recs) == [
+        (f"{t}/{p}", o) for p in (0, 1) for o in (0, 1, 2)
+    ]
+    decoded = [decode_record(r) for r in recs]
+    assert all(isinstance(d, Envelope) for d in decoded), decoded
+    assert {r.key for r in recs} == {b"c0", b"c1"}
+
+
+@pytest.mark.integration
+def test_kafka_output_read_by_kafka_python(tansu: str, tansu_topic: TopicFactory) -> None:
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KpTopicPartition
+
+    t = tansu_topic(1)
+    msgs = [KafkaMessage(t, b"k%d" % i, b"v%d" % i, (("n", b"%d" % i),)) for i in range(10)]
+    out = KafkaOutput(tansu)
+    flow = Dataflow("kafka_out_kp")
+    op.output("out", op.input("in", flow, TestingSource(msgs)), out)
+    run_main(flow)
+
+    consumer = KafkaConsumer(bootstrap_servers=tansu, group_id=None, enable_auto_commit=False)
+    tp = KpTopicPartition(t, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 10 and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=100).values():
+            got.extend(records)
+    consumer.close()
+    assert [(r.offset, r.key, r.value, list(r.headers)) for r in got] == [
+        (i, m.key, m.value, list(m.headers)) for i, m in enumerate(msgs)
+    ]
+
+
+# --- admin ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_create_topics_is_idempotent(tansu: str) -> None:
+    from confluent_kafka.admin._config import ConfigResource
+
+    a, b = (f"ct-{x}-{uuid.uuid4().hex[:8]}" for x in "ab")
+    assert create_topics(tansu, {a: 3, b: 1}) == sorted([a, b])
+    assert create_topics(tansu, {a: 3, b: 1}) == []
+    c = f"ct-c-{uuid.uuid4().hex[:8]}"
+    assert create_topics(tansu, {a: 3, c: 2}) == [c]
+
+    admin = AdminClient({"bootstrap.servers": tansu})
+    md = admin.list_topics(timeout=5).topics
+    assert {n: len(md[n].partitions) for n in (a, b, c)} == {a: 3, b: 1, c: 2}
+    cfg = admin.describe_configs([ConfigResource("topic", a)])
+    entries = next(iter(cfg.values())).result(5)
+    assert entries["retention.ms"].value == "604800000"
+
+
+def test_mask_config_hides_secrets() -> None:
+    masked = mask_config(
+        {
+            "bootstrap.servers": "b:9092",
+            "sasl.password": "hunter2",
+            "sasl.username": "me",
+            "ssl.key.password": "k",
+            "ssl.key.pem": "PEM",
+            "client.secret": "s",
+            "linger.ms": 1,
+        }
+    )
+    assert masked == {
+        "bootstrap.servers": "b:9092",
+        "sasl.password": "***",
+        "sasl.username": "***",
+        "ssl.key.password": "***",
+        "ssl.key.pem": "***",
+        "client.secret": "***",
+        "linger.ms": 1,
+    }
