@@ -8,15 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from connectors.console import ConsoleView
-from connectors.demo import DemoSource, demo_profiles
-from flows.experience import Outputs, build_flow, system_now_ms
+from connectors.kafka import create_topics
 from flows.rules import RulesError, load_rules
-from flows.runner import load_rule_set, replay, run_dataflow
+from flows.runner import all_topics, load_rule_set, replay, run_live
 from flows.settings import Settings, load_settings
-from state.profiles import InMemoryProfileStore, read_profiles_jsonl
+from state.profiles import read_profiles_jsonl
+from state.redis_store import RedisProfileStore
 
 __all__ = ["main"]
 
@@ -39,38 +40,83 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     return load_settings(getattr(args, "config", None), **overrides)
 
 
+def _wire_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    if getattr(args, "kafka", None):
+        over["kafka"] = {"brokers": args.kafka}
+    if getattr(args, "redis", None):
+        over["redis"] = {"url": args.redis}
+    if getattr(args, "webhook", None):
+        over["webhook_url"] = args.webhook
+    return over
+
+
+def _merge(settings: Settings, over: dict[str, Any]) -> Settings:
+    """Flags win: re-validate with the flag values laid over the loaded sections."""
+    if not over:
+        return settings
+    data = settings.model_dump()
+    for key, val in over.items():
+        if isinstance(val, dict):
+            data[key] = {**data.get(key, {}), **val}
+        else:
+            data[key] = val
+    # model_dump keeps SecretStr values as SecretStr, which validate again unchanged.
+    return Settings.model_validate(data)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Live mode on the embedded default: demo traffic, in-memory state, console view."""
-
-    settings = _settings(args, mode="live", rules_file=args.rules, profiles_file=args.profiles,
-                         demo_seed=args.seed, demo_rate=args.rate)
+    """Live: demo traffic or Kafka in; console, Redis push streams, Kafka, webhooks out."""
+    settings = _merge(
+        _settings(args, mode="live", rules_file=args.rules, profiles_file=args.profiles,
+                  demo_seed=args.seed, demo_rate=args.rate),
+        _wire_overrides(args),
+    )
     rules = load_rule_set(settings)
-    profiles = InMemoryProfileStore(
-        read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
-    )
-
-    def on_round(rnd: int, start_ms: int) -> None:
-        profiles.put_many(demo_profiles(rnd, start_ms))
-
     view = ConsoleView()
-    sinks = view.sinks()
-    source = DemoSource(seed=settings.demo_seed, rate=settings.demo_rate,
-                        duration_s=args.duration, on_round=on_round, now_ms=system_now_ms)
-    flow = build_flow(
-        settings,
-        source=source,
-        outputs=Outputs(pushes=[sinks["pushes"]], alerts=[sinks["alerts"]],
-                        dead_letters=[sinks["dead_letters"]], stats=[sinks["stats"]]),
-        rules=rules,
-        profiles=profiles,
-    )
-    print(f"touchstream: live on built-in demo traffic; rules {rules.source} "
-          f"v{rules.version} ({len(rules.rules)} rules); in-memory state; "
+    where = [f"Kafka {settings.kafka.brokers}" if settings.kafka.brokers else
+             "built-in demo traffic",
+             "Redis state and push streams" if settings.redis.url else "in-memory state"]
+    if settings.webhook_targets():
+        where.append(f"{len(settings.webhook_targets())} webhook target(s)")
+    print(f"touchstream: live on {', '.join(where)}; rules {rules.source} "
+          f"v{rules.version} ({len(rules.rules)} rules); "
           + (f"stopping after {args.duration:g} s" if args.duration else "Ctrl-C to stop"),
           flush=True)
-    run_dataflow(flow, settings.engine.workers, settings.engine.epoch_interval_s)
+    run_live(settings, duration_s=args.duration, console=view)
     print(f"touchstream: done: {view.counts['push']} pushes, {view.counts['alert']} alerts, "
           f"{view.counts['dead_letter']} dead letters", flush=True)
+    return 0
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create every topic with the partition counts from settings (idempotent)."""
+    settings = _merge(_settings(args), _wire_overrides(args))
+    if not settings.kafka.brokers:
+        print("touchstream: --kafka (or TOUCHSTREAM_KAFKA__BROKERS) is required",
+              file=sys.stderr)
+        return 2
+    topics = all_topics(settings)
+    created = create_topics(settings.kafka.brokers, topics,
+                            settings.kafka.replication_factor, dict(settings.kafka.config))
+    for name, parts in topics.items():
+        state = "created" if name in created else "exists"
+        print(f"{name}: {parts} partitions ({state})")
+    return 0
+
+
+def cmd_profiles_load(args: argparse.Namespace) -> int:
+    """Load a profiles JSONL file into Redis (one hash per customer)."""
+    settings = _merge(_settings(args), _wire_overrides(args))
+    if settings.redis.url is None:
+        print("touchstream: --redis (or TOUCHSTREAM_REDIS__URL) is required", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    try:
+        n = RedisProfileStore(client).put_many(read_profiles_jsonl(args.file))
+    finally:
+        client.close()
+    print(f"touchstream: loaded {n} profiles into Redis")
     return 0
 
 
@@ -108,8 +154,18 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, help="worker threads (default 1)")
         sp.add_argument("--shards", type=int, help="customer state shards (default 64)")
 
-    run = sub.add_parser("run", help="live engine on built-in demo traffic")
+    def wires(sp: argparse.ArgumentParser, *which: str) -> None:
+        if "kafka" in which:
+            sp.add_argument("--kafka", metavar="HOST:PORT", help="Kafka bootstrap servers")
+        if "redis" in which:
+            sp.add_argument("--redis", metavar="URL", help="redis://HOST:PORT/DB")
+        if "webhook" in which:
+            sp.add_argument("--webhook", metavar="URL",
+                            help="alert webhook (secret: TOUCHSTREAM_WEBHOOK_SECRET)")
+
+    run = sub.add_parser("run", help="live engine (demo traffic unless --kafka)")
     common(run)
+    wires(run, "kafka", "redis", "webhook")
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--seed", type=int, default=7, help="demo traffic seed")
     run.add_argument("--rate", type=float, default=20.0, help="demo background events/s")
@@ -120,6 +176,21 @@ def _parser() -> argparse.ArgumentParser:
     common(rp)
     rp.add_argument("--out", type=Path, required=True, help="output directory")
     rp.set_defaults(func=cmd_replay)
+
+    topics = sub.add_parser("topics", help="Kafka topics")
+    tsub = topics.add_subparsers(dest="topics_command", required=True)
+    tc = tsub.add_parser("create", help="create every topic (idempotent)")
+    tc.add_argument("--config", type=Path, help="TOML settings file")
+    wires(tc, "kafka")
+    tc.set_defaults(func=cmd_topics_create)
+
+    prof = sub.add_parser("profiles", help="customer profiles")
+    psub = prof.add_subparsers(dest="profiles_command", required=True)
+    pl = psub.add_parser("load", help="load a profiles JSONL file into Redis")
+    pl.add_argument("file", type=Path)
+    pl.add_argument("--config", type=Path, help="TOML settings file")
+    wires(pl, "redis")
+    pl.set_defaults(func=cmd_profiles_load)
 
     rules = sub.add_parser("rules", help="rules files")
     rsub = rules.add_subparsers(dest="rules_command", required=True)

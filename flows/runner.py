@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Literal
 
+import redis
 from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
 from bytewax.testing import cluster_main, run_main
+from confluent_kafka import Producer
 
+from connectors.console import ConsoleView
+from connectors.demo import DemoSource, demo_profiles
 from connectors.files import (
     JsonDocSink,
     JsonlSource,
@@ -16,12 +25,21 @@ from connectors.files import (
     dead_letter_row,
     push_row,
 )
+from connectors.kafka import KafkaInput, KafkaMessage, KafkaOutput
+from connectors.mapped import MappedSink
+from connectors.redis_push import RedisPushConfig, RedisPushOutput
+from connectors.webhook import DeadLetterHandler, JsonlDeadLetterFile, WebhookOutput
+from flows.codec import json_dumps
 from flows.experience import Outputs, build_flow
+from flows.model import Alert, DeadLetter, Push, RawRecord
 from flows.rules import RuleSet, load_default_rules, load_rules
 from flows.settings import Settings
-from state.profiles import InMemoryProfileStore, read_profiles_jsonl
+from state.profiles import InMemoryProfileStore, ProfileStore, read_profiles_jsonl
+from state.redis_store import RedisGuardStore, RedisProfileStore
 
-__all__ = ["load_rule_set", "replay", "run_dataflow"]
+__all__ = ["all_topics", "load_rule_set", "replay", "run_dataflow", "run_live"]
+
+log = logging.getLogger(__name__)
 
 
 def load_rule_set(settings: Settings) -> RuleSet:
@@ -65,3 +83,147 @@ def replay(settings: Settings, events: Path) -> Path:
     )
     run_dataflow(flow, settings.engine.workers, settings.engine.epoch_interval_s)
     return out
+
+
+# --- live wiring ------------------------------------------------------------------------
+
+
+def push_message(topic: str) -> Callable[[Push], KafkaMessage]:
+    """Push → ``exp.pushes`` message: key = customer id, idempotency key in a header."""
+
+    def to_msg(p: Push) -> KafkaMessage:
+        return KafkaMessage(topic, p.customer_id.encode(), json_dumps(p.to_dict()),
+                            (("content-type", b"application/json"),
+                             ("idempotency-key", p.push_id.encode())))
+
+    return to_msg
+
+
+def alert_message(topic: str) -> Callable[[Alert], KafkaMessage]:
+    """Alert → ``ops.alerts``: key = subject (customer, or module/step), CloudEvents JSON."""
+
+    def to_msg(a: Alert) -> KafkaMessage:
+        return KafkaMessage(topic, a.subject.encode(), json_dumps(a.to_cloudevent()),
+                            (("content-type", b"application/cloudevents+json"),
+                             ("idempotency-key", a.id.encode())))
+
+    return to_msg
+
+
+def dead_letter_message(topic: str) -> Callable[[DeadLetter], KafkaMessage]:
+    """Dead letter → ``exp.dead_letters`` with its reason in a header."""
+
+    def to_msg(d: DeadLetter) -> KafkaMessage:
+        return KafkaMessage(topic, None, json_dumps(d.to_dict()),
+                            (("content-type", b"application/json"),
+                             ("reason", d.reason.encode())))
+
+    return to_msg
+
+
+def stats_message(topic: str) -> Callable[[dict[str, Any]], KafkaMessage]:
+    """Stats document → ``exp.stats``."""
+
+    def to_msg(doc: dict[str, Any]) -> KafkaMessage:
+        return KafkaMessage(topic, b"stats", json_dumps(doc),
+                            (("content-type", b"application/json"),))
+
+    return to_msg
+
+
+class KafkaAlertDeadLetters:
+    """Webhook dead-letter path to ``ops.alerts.dlq``: each undeliverable alert, flushed."""
+
+    def __init__(self, brokers: str, topic: str, config: dict[str, Any]) -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.config = config
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, alert: Alert, target_url: str, reason: str, last_status: int | None,
+                 *, attempts: int = 0, error: str | None = None) -> None:
+        """Produce the record and wait for the broker to take it."""
+        body = json_dumps({"cloudevent": alert.to_cloudevent(), "target": target_url,
+                           "reason": reason, "last_status": last_status,
+                           "attempts": attempts, "error": error})
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer({"bootstrap.servers": self.brokers, **self.config})
+            self._producer.produce(self.topic, body, key=alert.subject.encode(),
+                                   headers=[("idempotency-key", alert.id.encode())])
+            left = self._producer.flush(10)
+        if left:
+            log.error("alert %s could not be written to %s either", alert.id, self.topic)
+
+
+def kafka_input_topics(settings: Settings) -> dict[str, Literal["json", "msgpack"]]:
+    """The three input topics with their wire formats."""
+    k = settings.kafka
+    return {t: k.formats.get(t, "json") for t in (k.clicks_topic, k.location_topic,
+                                                   k.calls_topic)}
+
+
+def all_topics(settings: Settings) -> dict[str, int]:
+    """Every topic touchstream uses, with its partition count."""
+    k = settings.kafka
+    names = [k.clicks_topic, k.location_topic, k.calls_topic, k.pushes_topic, k.alerts_topic,
+             k.alerts_dlq_topic, k.dead_letters_topic, k.stats_topic]
+    return {n: k.partitions.get(n, k.default_partitions) for n in names}
+
+
+def run_live(settings: Settings, *, duration_s: float | None = None,
+             console: ConsoleView | None = None) -> None:
+    """Run live: Kafka or demo traffic in; console, Kafka, Redis and webhooks out."""
+    k = settings.kafka
+    rules = load_rule_set(settings)
+    outputs = Outputs()
+    profiles: ProfileStore
+    redis_client: redis.Redis | None = None
+    if settings.redis.url is not None:
+        redis_client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        profiles = RedisProfileStore(redis_client, settings.redis.profile_cache_ttl_s)
+        outputs.pushes.append(
+            RedisPushOutput(RedisPushConfig.from_settings(settings.redis), guard=RedisGuardStore)
+        )
+    else:
+        profiles = InMemoryProfileStore(
+            read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
+        )
+    source: Source[RawRecord]
+    if k.brokers:
+        source = KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
+                            tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s)
+        out = KafkaOutput(k.brokers, dict(k.config))
+        outputs.pushes.append(MappedSink(out, push_message(k.pushes_topic)))
+        outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))
+        outputs.dead_letters.append(MappedSink(out, dead_letter_message(k.dead_letters_topic)))
+        outputs.stats.append(MappedSink(out, stats_message(k.stats_topic)))
+    else:
+        demo_store = profiles
+
+        def on_round(rnd: int, start_ms: int) -> None:
+            demo_store.put_many(demo_profiles(rnd, start_ms))
+
+        source = DemoSource(seed=settings.demo_seed, rate=settings.demo_rate,
+                            duration_s=duration_s, on_round=on_round)
+    targets = settings.webhook_targets()
+    if targets:
+        dlq: DeadLetterHandler
+        if k.brokers:
+            dlq = KafkaAlertDeadLetters(k.brokers, k.alerts_dlq_topic, dict(k.config))
+        else:
+            dlq = JsonlDeadLetterFile(settings.alerts_dlq_file)
+        outputs.alerts.append(WebhookOutput(targets, on_dead_letter=dlq))
+    if console is not None:
+        sinks = console.sinks()
+        outputs.pushes.append(sinks["pushes"])
+        outputs.alerts.append(sinks["alerts"])
+        outputs.dead_letters.append(sinks["dead_letters"])
+        outputs.stats.append(sinks["stats"])
+    flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles)
+    try:
+        run_dataflow(flow, settings.engine.workers, settings.engine.epoch_interval_s)
+    finally:
+        if redis_client is not None:
+            redis_client.close()

@@ -74,7 +74,15 @@ class KafkaSettings(BaseModel):
     alerts_dlq_topic: str = "ops.alerts.dlq"
     dead_letters_topic: str = "exp.dead_letters"
     stats_topic: str = "exp.stats"
-    formats: dict[str, Literal["json", "msgpack"]] = Field(default_factory=dict)
+    formats: dict[str, Literal["json", "msgpack"]] = Field(
+        default_factory=dict, description="input topic -> wire format (default json)"
+    )
+    start: Literal["earliest", "latest"] = Field(
+        "earliest", description="where input starts without a snapshot"
+    )
+    eof_when_idle_s: float | None = Field(
+        None, description="stop when every input partition is idle this long (tests, backfills)"
+    )
     partitions: dict[str, int] = Field(default_factory=dict)
     default_partitions: int = 3
     replication_factor: int = 1
@@ -124,10 +132,22 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     webhooks: list[WebhookTarget] = Field(default_factory=list)
+    webhook_url: str | None = Field(None, description="shorthand for one webhook target")
+    webhook_secret: SecretStr | None = Field(
+        None, description="whsec_... signing secret for webhook_url (env or TOML, never a flag)"
+    )
+    alerts_dlq_file: Path = Field(
+        Path("alerts-dlq.jsonl"), description="undeliverable alerts when Kafka is not used"
+    )
     demo_seed: int = 7
     demo_rate: float = Field(20.0, gt=0, description="demo: background events per second")
 
-    _toml_path: Path | None = None
+    def webhook_targets(self) -> list[WebhookTarget]:
+        """``webhooks`` plus the ``webhook_url`` shorthand."""
+        targets = list(self.webhooks)
+        if self.webhook_url:
+            targets.append(WebhookTarget(url=self.webhook_url, secret=self.webhook_secret))
+        return targets
 
     @classmethod
     def settings_customise_sources(
