@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from bisect import insort
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,10 @@ from flows.model import Alert, DeadLetter, Envelope, stable_id
 from flows.rules import RuleSet
 
 __all__ = ["FrictionEngine", "Sequencer", "StatsEngine"]
+
+
+def _visit_order(v: VisitDone) -> tuple[int, str, int]:
+    return (v.leave_ts, v.customer_id, v.enter_ts)
 
 
 class FrictionEngine:
@@ -90,8 +95,10 @@ class FrictionEngine:
 
     def _evaluate(self, v: VisitDone, out: list[Any]) -> None:
         dq = self._window(v.module, v.step)
-        dq.append(v)
-        t = v.leave_ts
+        # Live, visits of different customers arrive out of order: keep the window
+        # sorted and judge it at the latest leave time known for the step.
+        insort(dq, v, key=_visit_order)
+        t = dq[-1].leave_ts
         while dq and dq[0].leave_ts < t - self._keep:
             dq.popleft()
         for rule in self.rules:
@@ -141,7 +148,7 @@ class FrictionEngine:
                 ],
             }
             out.append(Alert(
-                id=stable_id(rule.id, v.module, v.step, t),
+                id=stable_id(rule.id, v.module, v.step, t),  # t: when the condition held
                 type=rule.alert.type,
                 source=f"/touchstream/rules/{rule.id}",
                 time_ms=t,

@@ -735,8 +735,25 @@ def test_trial_ending_actions_are_a_parameter():
     assert h.pushes == []
 
 
-# --- all rules together -------------------------------------------------------------
-
-
-def test_engine_config_shards_one_is_used():
+def test_harness_runs_one_shard():
     assert Harness().config == EngineConfig(shards=1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: when a session expires (30 min idle) with a step still open, the step "
+    "is kept; the customer's next session_start does not leave it (flows/engine.py "
+    "_click: 'if s is not None' is False for an expired session), so the next step_enter "
+    "or session_end emits a VisitDone spanning the whole absence (hours of 'dwell') and "
+    "step-friction alerts on a step nobody stalled on"))
+def test_step_friction_ignores_a_step_abandoned_with_its_session():
+    h = Harness()
+    h.feed(click("c0", T0, "session_start"),
+           click("c0", T0 + S, "step_enter", module="remote_cam", step="door_sensor"))
+    h.advance(T0 + 2 * H)  # walked away without step_exit or session_end
+    for i in range(1, 5):
+        _visit(h, f"c{i}", T0 + 2 * H, 10 * S)  # four quick visits
+    h.feed(click("c0", T0 + 2 * H + 20 * S, "session_start"),
+           click("c0", T0 + 2 * H + 30 * S, "step_enter", module="remote_cam",
+                 step="door_sensor"))
+    assert all(v.dwell_ms <= 30 * MIN for v in h.visits), [v.dwell_ms for v in h.visits]
+    assert _friction(h) == []
