@@ -649,7 +649,11 @@ class ShardEngine:
         counts["rule", rule.id, "pushes"] += 1
         counts["hall", hall, "pushes"] += 1
         counts["module", module, "pushes"] += 1
-        c.recent.append((ts, module, rule.id, hall))
+        recent = c.recent
+        if recent and ts - recent[0][0] > self.config.conversion_window_ms:
+            c.recent = recent = [x for x in recent
+                                 if ts - x[0] <= self.config.conversion_window_ms]
+        recent.append((ts, module, rule.id, hall))
 
     def _convert(self, c: Customer, module: str, ts: int) -> None:
         window = self.config.conversion_window_ms

@@ -40,6 +40,7 @@ MAX_RULES = 500
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+MAX_DURATION_MS = 3660 * 86_400_000  # ten years: longer is a typo, and would overflow state
 
 
 class RulesError(ValueError):
@@ -54,14 +55,19 @@ def parse_duration_ms(value: Any) -> int:
     """``"90s"``, ``"60m"``, ``"24h"``, ``"7d"``, ``"250ms"`` or a number of seconds → ms."""
     if isinstance(value, bool):
         raise ValueError("a duration must be a number of seconds or a string like '90s'")
+    ms: int | None = None
     if isinstance(value, int | float):
-        if value < 0:
+        if value < 0 or value != value:  # negative or NaN
             raise ValueError("a duration must not be negative")
-        return round(value * 1000)
-    if isinstance(value, str):
+        ms = round(value * 1000) if value < 1e15 else MAX_DURATION_MS + 1
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+            ms = round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+    if ms is not None:
+        if ms > MAX_DURATION_MS:
+            raise ValueError(f"a duration must be at most ten years: {value!r}")
+        return ms
     raise ValueError(f"not a duration: {value!r} (use e.g. '90s', '60m', '24h', '7d')")
 
 
