@@ -53,7 +53,7 @@ class FrictionEngine:
 
         return {
             "last_alert": self.last_alert,
-            "progress": self.progress,
+            "progress": {str(k): v for k, v in self.progress.items()},
             "visits": [row(v) for dq in self.windows.values() for v in dq],
             "buffer": [row(b[-1]) for b in self.buffer],
         }

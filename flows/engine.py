@@ -327,7 +327,10 @@ class ShardEngine:
     def _session_open(self, c: Customer, ts: int) -> _Session | None:
         s = c.session
         if s is not None and ts - s.last_ts > self.config.session_idle_ms:
+            # The customer walked away: the session ends, and a step still open is
+            # abandoned (not a finished visit: nobody knows when they left it).
             c.session = None
+            c.step = None
             return None
         return s
 
@@ -673,7 +676,12 @@ class ShardEngine:
             return
         self.next_sweep = now + self.config.sweep_interval_ms
         cutoff = now - self.config.idle_ttl_ms
-        dead = [k for k, c in self.customers.items() if c.last_ts < cutoff and c.step is None]
+        max_dwell = max((r.trigger.dwell for r in self._dwell_rules), default=0)
+        dead = [
+            k
+            for k, c in self.customers.items()
+            if c.last_ts < cutoff and (c.step is None or c.step.enter_ts + max_dwell <= now)
+        ]
         for k in dead:
             del self.customers[k]
         if dead:

@@ -10,6 +10,7 @@ name the file, the rule and the field, e.g.::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,13 +58,18 @@ def parse_duration_ms(value: Any) -> int:
         raise ValueError("a duration must be a number of seconds or a string like '90s'")
     ms: int | None = None
     if isinstance(value, int | float):
-        if value < 0 or value != value:  # negative or NaN
+        if math.isnan(value):
+            raise ValueError("a duration must be a number, not NaN")
+        if value < 0:
             raise ValueError("a duration must not be negative")
         ms = round(value * 1000) if value < 1e15 else MAX_DURATION_MS + 1
     elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            ms = round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+            try:
+                ms = round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+            except OverflowError:
+                ms = MAX_DURATION_MS + 1
     if ms is not None:
         if ms > MAX_DURATION_MS:
             raise ValueError(f"a duration must be at most ten years: {value!r}")

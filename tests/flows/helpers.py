@@ -25,13 +25,13 @@ from state.profiles import InMemoryProfileStore
 
 __all__ = [
     "DEFAULT_RULES_PATH",
+    "MIN",
+    "T0",
     "D",
     "H",
-    "M",
-    "MIN",
-    "S",
-    "T0",
     "Harness",
+    "M",
+    "S",
     "calls",
     "click",
     "default_rules_doc",

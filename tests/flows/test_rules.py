@@ -6,12 +6,12 @@ import pytest
 
 from flows.engine import EngineConfig
 from tests.flows.helpers import (
+    MIN,
+    T0,
     D,
     H,
-    MIN,
-    S,
-    T0,
     Harness,
+    S,
     calls,
     click,
     location,
@@ -739,12 +739,6 @@ def test_harness_runs_one_shard():
     assert Harness().config == EngineConfig(shards=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: when a session expires (30 min idle) with a step still open, the step "
-    "is kept; the customer's next session_start does not leave it (flows/engine.py "
-    "_click: 'if s is not None' is False for an expired session), so the next step_enter "
-    "or session_end emits a VisitDone spanning the whole absence (hours of 'dwell') and "
-    "step-friction alerts on a step nobody stalled on"))
 def test_step_friction_ignores_a_step_abandoned_with_its_session():
     h = Harness()
     h.feed(click("c0", T0, "session_start"),
