@@ -130,6 +130,32 @@ class DeadLetterHandler(Protocol):
         ...
 
 
+def dead_letter_record(
+    alert: Alert,
+    target_url: str,
+    reason: str,
+    last_status: int | None,
+    *,
+    attempts: int = 0,
+    error: str | None = None,
+) -> bytes:
+    """The JSON record of one undeliverable alert (file and Kafka dead-letter paths)."""
+    record: dict[str, Any] = {
+        "cloudevent": alert.to_cloudevent(),
+        "target": target_url,
+        "reason": reason,
+        "last_status": last_status,
+        "attempts": attempts,
+        "error": error,
+        "dead_lettered_at": ms_to_rfc3339(int(time.time() * 1000)),
+    }
+    try:
+        return json_dumps(record)
+    except EncodeError:
+        record["cloudevent"] = {**alert.to_cloudevent(), "data": repr(alert.data)}
+        return json_dumps(record)
+
+
 class JsonlDeadLetterFile:
     """A :class:`DeadLetterHandler` appending one JSON object per line to ``path``.
 
@@ -154,20 +180,8 @@ class JsonlDeadLetterFile:
         error: str | None = None,
     ) -> None:
         """Append one dead letter."""
-        record: dict[str, Any] = {
-            "cloudevent": alert.to_cloudevent(),
-            "target": target_url,
-            "reason": reason,
-            "last_status": last_status,
-            "attempts": attempts,
-            "error": error,
-            "dead_lettered_at": ms_to_rfc3339(int(time.time() * 1000)),
-        }
-        try:
-            line = json_dumps(record)
-        except EncodeError:
-            record["cloudevent"] = {**alert.to_cloudevent(), "data": repr(alert.data)}
-            line = json_dumps(record)
+        line = dead_letter_record(alert, target_url, reason, last_status,
+                                  attempts=attempts, error=error)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("ab") as f:

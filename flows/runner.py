@@ -28,7 +28,12 @@ from connectors.files import (
 from connectors.kafka import KafkaInput, KafkaMessage, KafkaOutput
 from connectors.mapped import MappedSink
 from connectors.redis_push import RedisPushConfig, RedisPushOutput
-from connectors.webhook import DeadLetterHandler, JsonlDeadLetterFile, WebhookOutput
+from connectors.webhook import (
+    DeadLetterHandler,
+    JsonlDeadLetterFile,
+    WebhookOutput,
+    dead_letter_record,
+)
 from flows.codec import json_dumps
 from flows.experience import Outputs, build_flow
 from flows.model import Alert, DeadLetter, Push, RawRecord
@@ -144,9 +149,8 @@ class KafkaAlertDeadLetters:
     def __call__(self, alert: Alert, target_url: str, reason: str, last_status: int | None,
                  *, attempts: int = 0, error: str | None = None) -> None:
         """Produce the record and wait for the broker to take it."""
-        body = json_dumps({"cloudevent": alert.to_cloudevent(), "target": target_url,
-                           "reason": reason, "last_status": last_status,
-                           "attempts": attempts, "error": error})
+        body = dead_letter_record(alert, target_url, reason, last_status,
+                                  attempts=attempts, error=error)
         with self._lock:
             if self._producer is None:
                 self._producer = Producer({"bootstrap.servers": self.brokers, **self.config})
