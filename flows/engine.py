@@ -20,8 +20,10 @@ Two clocks drive it:
 from __future__ import annotations
 
 import heapq
+import zlib
 from bisect import insort
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -46,6 +48,7 @@ __all__ = [
     "Tick",
     "VisitDone",
     "shard_of",
+    "shard_of_key",
 ]
 
 FOREVER: Final = 2**62
@@ -54,10 +57,12 @@ MAX_PLACE_EVENTS: Final = 256
 
 def shard_of(customer_id: str, shards: int) -> int:
     """The shard a customer belongs to: stable across runs, processes and hosts."""
-    h = 2166136261
-    for b in customer_id.encode("utf-8"):
-        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
-    return h % shards
+    return zlib.crc32(customer_id.encode("utf-8")) % shards
+
+
+def shard_of_key(key: bytes, shards: int) -> int:
+    """:func:`shard_of` for a customer id still in bytes (a Kafka message key)."""
+    return zlib.crc32(key) % shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,9 @@ class ShardEngine:
         self.wm = 0
         self.next_sweep = 0
         self.counts: Counter[tuple[str, ...]] = Counter()
+        # Events per type, folded into ``counts`` when stats or a snapshot are taken
+        # (one string-keyed increment per event instead of a tuple-keyed one).
+        self._typed: dict[str, int] = {}
         self._dwell_rules = rules.of_kind("step_dwell")
         self._place_window = {
             r.trigger.poi: r.trigger.window for r in rules.of_kind("location_frequency")
@@ -229,8 +237,10 @@ class ShardEngine:
             self._place_window[r.trigger.poi] = max(
                 self._place_window[r.trigger.poi], r.trigger.window
             )
-        self._call_keep = max((r.trigger.max_history for r in rules.of_kind("call_spike")),
-                              default=0)
+        self._call_rules = rules.of_kind("call_spike")
+        self._call_keep = max((r.trigger.max_history for r in self._call_rules), default=0)
+        self._call_min_history = min((r.trigger.min_history for r in self._call_rules),
+                                     default=0)
         if state is not None:
             self._restore(state)
 
@@ -238,6 +248,7 @@ class ShardEngine:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole shard as plain data (customers, timers, buffer, pending counts)."""
+        self._fold_counts()
         return {
             "wm": self.wm,
             "next_sweep": self.next_sweep,
@@ -286,6 +297,21 @@ class ShardEngine:
         self.fire_due(now, out)
         self.apply(env, out)
 
+    def on_live_batch(self, envs: Iterable[Envelope], now: int, out: Out) -> None:
+        """Live: fire timers due by ``now``, then apply a batch of events in order.
+
+        The profiles clicks may need are fetched first, in one round trip.
+        """
+        self.fire_due(now, out)
+        if not isinstance(envs, list):
+            envs = list(envs)
+        clicks = [e.event.customer_id for e in envs if type(e.event) is ClickEvent]
+        if clicks:
+            self.profiles.prefetch(clicks)
+        apply = self.apply
+        for env in envs:
+            apply(env, out)
+
     def fire_due(self, now: int, out: Out) -> None:
         """Live: fire every timer whose deadline is at or before ``now``."""
         timers = self.timers
@@ -300,11 +326,19 @@ class ShardEngine:
 
     def take_stats(self) -> StatDelta | None:
         """Counter increments since the last call, or None if nothing moved."""
+        self._fold_counts()
         if not self.counts:
             return None
         delta = StatDelta(dict(self.counts))
         self.counts.clear()
         return delta
+
+    def _fold_counts(self) -> None:
+        if self._typed:
+            counts = self.counts
+            for typ, n in self._typed.items():
+                counts["events", typ] += n
+            self._typed.clear()
 
     # --- events ----------------------------------------------------------------
 
@@ -316,13 +350,16 @@ class ShardEngine:
         if c is None:
             c = self.customers[cid] = Customer()
         c.last_ts = max(c.last_ts, ev.ts)
-        self.counts["events", ev.type] += 1
-        if type(ev) is ClickEvent:
-            self._click(c, ev, env, out)
-        elif type(ev) is LocationEvent:
-            self._location(c, ev, env, out)
-        elif type(ev) is CallsEvent:
-            self._calls(c, ev, env, out)
+        typed = self._typed
+        typ = ev.type
+        typed[typ] = typed.get(typ, 0) + 1
+        cls = type(ev)
+        if cls is LocationEvent:
+            self._location(c, ev, env, out)  # type: ignore[arg-type]
+        elif cls is CallsEvent:
+            self._calls(c, ev, env, out)  # type: ignore[arg-type]
+        elif cls is ClickEvent:
+            self._click(c, ev, env, out)  # type: ignore[arg-type]
 
     def _session_open(self, c: Customer, ts: int) -> _Session | None:
         s = c.session
@@ -483,9 +520,12 @@ class ShardEngine:
         ts = ev.ts
         total = ev.calls_in + ev.calls_out
         hist = c.calls
-        prev = [t for (when, t) in hist if when < ts]
-        if env.fresh:
-            for r in self.rules.of_kind("call_spike"):
+        if env.fresh and len(hist) >= self._call_min_history:
+            if hist[-1][0] < ts:
+                prev = [t for (_when, t) in hist]
+            else:
+                prev = [t for (when, t) in hist if when < ts]
+            for r in self._call_rules:
                 tr = r.trigger
                 window = prev[-tr.max_history :]
                 if len(window) < tr.min_history:
@@ -587,7 +627,14 @@ class ShardEngine:
         profile: Profile | None,
         s: _Session | None,
     ) -> None:
-        """Apply the rule's frequency, opt-out and cap guards; emit the push if it passes."""
+        """Apply the rule's frequency, opt-out and cap guards; emit the push if it passes.
+
+        The push carries the same once-per and cap guards (``Push.guard``) for the
+        delivery guard store, which holds them across workers and restarts; session
+        scopes stay flow-only, a visit is covered by the push id.
+        """
+        from flows.model import PushGuard  # noqa: PLC0415  (top-level import: file owner)
+
         assert rule.push is not None
         module = module or rule.push.module
         assert module is not None
@@ -647,6 +694,12 @@ class ShardEngine:
                 content=content,
                 event_ts=ts,
                 reason=reason,
+                guard=PushGuard(
+                    once_key=once_key,
+                    once_ttl_ms=rule.once_ms if scope == "period" else None,
+                    cap=guards.max_pushes_per_customer,
+                    cap_window_ms=guards.cap_window_ms,
+                ),
             )
         )
         counts["rule", rule.id, "pushes"] += 1

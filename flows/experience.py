@@ -5,6 +5,7 @@ stats out. Built from settings by :func:`build_flow`; reads top to bottom.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,13 +19,14 @@ from bytewax.outputs import FixedPartitionedSink, Sink
 
 from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, shard_key
 from flows.codec import pack, unpack
-from flows.engine import EngineConfig, Progress, ShardEngine, StatDelta, Tick, VisitDone, shard_of
+from flows.engine import EngineConfig, Progress, ShardEngine, StatDelta, Tick, VisitDone
 from flows.model import Alert, DeadLetter, Envelope, Limits, Push, RawRecord, decode_record
 from flows.rules import RuleSet
 from flows.settings import Settings
 from state.profiles import ProfileStore
 
-__all__ = ["Outputs", "build_flow", "system_now_ms"]
+__all__ = ["LiveIntake", "Outputs", "ShardRouter", "build_flow", "live_time_check",
+           "system_now_ms"]
 
 RETAIN = False
 
@@ -52,23 +54,28 @@ def _dt(ms: int) -> datetime:
 
 
 class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
-    """Bytewax shim over :class:`ShardEngine` (one per shard key)."""
+    """Bytewax shim over :class:`ShardEngine` (one per shard key).
 
-    def __init__(self, engine: ShardEngine, live: bool, now_ms: Callable[[], int],
-                 stats_every_ms: int) -> None:
+    Live, each value is a list of raw records of this shard (see :class:`ShardRouter`):
+    they are decoded here, after the exchange, so only bytes cross between workers.
+    """
+
+    def __init__(self, engine: ShardEngine, intake: LiveIntake | None,
+                 now_ms: Callable[[], int], stats_every_ms: int, recovery: bool) -> None:
         self.engine = engine
-        self.live = live
+        self.recovery = recovery
+        self.intake = intake
+        self.live = intake is not None
         self.now_ms = now_ms
         self.stats_every_ms = stats_every_ms
-        self.next_stats = now_ms() + stats_every_ms if live else 0
+        self.next_stats = now_ms() + stats_every_ms if self.live else 0
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
         out: list[Any] = []
         eng = self.engine
-        if self.live:
+        if self.intake is not None:
             now = self.now_ms()
-            for v in values:
-                eng.on_live_event(v, now, out)
+            eng.on_live_batch(self.intake(values, now, out), now, out)
             self._live_stats(now, out)
             return out, RETAIN
         for v in values:
@@ -101,7 +108,9 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         return _dt(at)
 
     def snapshot(self) -> bytes:
-        return pack(self.engine.snapshot())
+        # Bytewax 0.21.1 asks every key that woke up for a snapshot at each epoch end,
+        # even when no recovery store keeps it; a whole shard is not packed for nothing.
+        return pack(self.engine.snapshot()) if self.recovery else b""
 
     def _live_stats(self, now: int, out: list[Any]) -> None:
         if now >= self.next_stats:
@@ -199,6 +208,87 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
         return pack(self.engine.snapshot())
 
 
+# --- live intake: route raw records to shards, decode them there --------------------
+
+
+@dataclass(frozen=True)
+class ShardRouter:
+    """Live: group a batch of raw records by customer shard, without decoding them.
+
+    The shard comes from the message key (the customer id, on Kafka); a record without
+    a key is decoded here once to find its customer (and routed to shard 0 if it cannot
+    be, where decoding dead-letters it). A key that disagrees with the body is routed
+    by the key and dead-lettered by :class:`LiveIntake`.
+
+    Clicks are what needs profiles: the customers of the records from the source
+    ``clicks_source`` (``"topic/"`` prefix) get their profiles fetched here in one
+    round trip for the whole batch (``profiles.prefetch``), rather than one per shard.
+    """
+
+    shards: int
+    limits: Limits
+    profiles: ProfileStore | None = None
+    clicks_source: str | None = None
+
+    def __call__(self, records: list[RawRecord]) -> list[tuple[str, list[RawRecord]]]:
+        """``[(shard key, records of that shard in arrival order), ...]``."""
+        shards = self.shards
+        groups: dict[int, list[RawRecord]] = {}
+        crc32 = zlib.crc32
+        clicks = self.clicks_source
+        if clicks is not None and self.profiles is not None:
+            self.profiles.prefetch([r.key.decode("utf-8", "replace") for r in records
+                                    if r.key is not None and r.source.startswith(clicks)])
+        for rec in records:
+            key = rec.key
+            if key is None:
+                env = decode_record(rec, self.limits)
+                key = env.event.customer_id.encode() if type(env) is Envelope else b""
+            s = crc32(key) % shards
+            g = groups.get(s)
+            if g is None:
+                groups[s] = [rec]
+            else:
+                g.append(rec)
+        return [(shard_key(s), g) for s, g in groups.items()]
+
+
+@dataclass(frozen=True)
+class LiveIntake:
+    """Live: decode raw records and check their event time against the wall clock.
+
+    Returns the usable envelopes in order; dead letters (undecodable, key mismatch,
+    too old, from the future) are appended to ``out``.
+    """
+
+    limits: Limits
+    lateness_ms: int
+    horizon_ms: int
+    skew_ms: int
+
+    def __call__(self, groups: Iterable[list[RawRecord]], now: int,
+                 out: list[Any]) -> list[Envelope]:
+        """Decode every record of every group."""
+        envs: list[Envelope] = []
+        limits = self.limits
+        stale = now - self.lateness_ms
+        for group in groups:
+            for rec in group:
+                env = decode_record(rec, limits)
+                if type(env) is not Envelope:
+                    out.append(env)
+                elif env.event.ts >= stale and env.event.ts <= now + self.skew_ms:
+                    envs.append(env)  # the common case: fresh
+                else:
+                    checked = live_time_check(env, now, self.lateness_ms, self.horizon_ms,
+                                              self.skew_ms)
+                    if type(checked) is Envelope:
+                        envs.append(checked)
+                    else:
+                        out.append(checked)
+        return envs
+
+
 # --- small named steps ----------------------------------------------------------------
 
 
@@ -249,12 +339,15 @@ def build_flow(
     rules: RuleSet,
     profiles: ProfileStore,
     now_ms: Callable[[], int] = system_now_ms,
+    recovery: bool = False,
 ) -> Dataflow:
     """Build the experience dataflow.
 
     ``settings.mode`` picks the clock: ``replay`` orders events by event time behind a
     watermark and is deterministic; ``live`` applies events on arrival and fires
-    timers on the wall clock given by ``now_ms``.
+    timers on the wall clock given by ``now_ms``. ``recovery`` says whether the flow
+    runs with a Bytewax recovery store: without one the per-customer shards are not
+    serialised at every epoch (their snapshot would be thrown away).
     """
     es = settings.engine
     live = settings.mode == "live"
@@ -265,37 +358,30 @@ def build_flow(
     skew_ms = int(es.max_clock_skew_s * 1000)
     stats_ms = int(es.stats_interval_s * 1000)
 
+    intake = LiveIntake(limits, lateness_ms, horizon_ms, skew_ms) if live else None
+
     def decode(rec: RawRecord) -> Envelope | DeadLetter:
         return decode_record(rec, limits)
 
-    def check_live_time(env: Envelope) -> Envelope | DeadLetter:
-        return live_time_check(env, now_ms(), lateness_ms, horizon_ms, skew_ms)
-
-    def key_by_shard(env: Envelope) -> str:
-        return shard_key(shard_of(env.event.customer_id, es.shards))
-
     def shard_builder(state: bytes | None) -> _ShardLogic:
         eng = ShardEngine(-1, rules, profiles, config, unpack(state) if state else None)
-        return _ShardLogic(eng, live, now_ms, stats_ms)
+        return _ShardLogic(eng, intake, now_ms, stats_ms, recovery)
 
     flow = Dataflow("touchstream")
     raw = op.input("events_in", flow, source)
     # raw: RawRecord (bytes, where they came from, format)
-    decoded = op.map("decode", raw, decode)
-    # decoded: Envelope | DeadLetter
-    split = op.branch("split_bad", decoded, _is_envelope)
-    events: Stream[Any] = split.trues
-    dead: Stream[Any] = split.falses
-    # events: Envelope; dead: DeadLetter (bad bytes, wrong fields, ...)
-
+    dead: Stream[Any]
     if live:
-        timed = op.map("check_event_time", events, check_live_time)
-        timed_split = op.branch("split_stale", timed, _is_envelope)
-        dead = op.merge("dead_letters_all", dead, timed_split.falses)
-        fresh: Stream[Any] = timed_split.trues
-        keyed = op.key_on("key_by_shard", fresh, key_by_shard)
-        # keyed: (shard key, Envelope) applied as they arrive
+        router = ShardRouter(es.shards, limits, profiles, f"{settings.kafka.clicks_topic}/")
+        keyed = op.flat_map_batch("route_to_shards", raw, router)
+        # keyed: (shard key, [RawRecord, ...]): decoded by the shard, applied on arrival
     else:
+        decoded = op.map("decode", raw, decode)
+        # decoded: Envelope | DeadLetter
+        split = op.branch("split_bad", decoded, _is_envelope)
+        events: Stream[Any] = split.trues
+        dead = split.falses
+        # events: Envelope; dead: DeadLetter (bad bytes, wrong fields, ...)
         seq_keyed = op.key_on("key_by_source", events, lambda _e: "input")
         routed = op.stateful_batch(
             "sequence", seq_keyed,
@@ -309,7 +395,10 @@ def build_flow(
         # keyed: (shard key, Envelope | Tick), released in event-time order by ticks
 
     shard_out = op.stateful_batch("customers", keyed, shard_builder)
-    # shard_out: (shard key, Push | Alert | VisitDone | Progress | StatDelta)
+    # shard_out: (shard key, Push | Alert | VisitDone | Progress | StatDelta | DeadLetter)
+    if live:
+        dead = op.filter_map("dead_letters", shard_out, _of_type(DeadLetter))
+        # dead: DeadLetter (bad bytes, wrong fields, key mismatch, too old, future)
     pushes = op.filter_map("pushes", shard_out, _of_type(Push))
     customer_alerts = op.filter_map("customer_alerts", shard_out, _of_type(Alert))
 

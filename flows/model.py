@@ -209,8 +209,29 @@ class Profile:
 
 
 @dataclass(frozen=True, slots=True)
+class PushGuard:
+    """What the delivery guard (``state.guards.GuardStore``) enforces for one push.
+
+    The flow applies the same guards in its own state; this travels with the push so
+    that the guard at delivery can hold them across workers, processes and restarts.
+    ``once_key`` (rule id, or ``<rule id>:<module>``) is scoped to the push's customer
+    and blocks for ``once_ttl_ms`` of event time (None = for good); ``cap`` pushes per
+    customer per ``cap_window_ms`` (0 = no cap). Not part of :meth:`Push.to_dict`.
+    """
+
+    once_key: str | None = None
+    once_ttl_ms: int | None = None
+    cap: int = 0
+    cap_window_ms: int = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
 class Push:
-    """Content for one terminal or customer channel, with its idempotency key."""
+    """Content for one terminal or customer channel, with its idempotency key.
+
+    ``guard`` is an internal delivery instruction, never on the wire: :meth:`to_dict`
+    (what outside clients read) leaves it out.
+    """
 
     push_id: str
     customer_id: str
@@ -220,9 +241,10 @@ class Push:
     content: dict[str, Any]
     event_ts: int
     reason: dict[str, Any]
+    guard: PushGuard | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The push as delivered (JSON-ready)."""
+        """The push as delivered (JSON-ready; without ``guard``)."""
         return {
             "push_id": self.push_id,
             "customer_id": self.customer_id,
@@ -289,8 +311,10 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def _str(doc: dict[str, Any], name: str, limit: int, *, required: bool = True) -> str | None:
+def _str(doc: dict[str, Any], name: str, limit: int, required: bool = True) -> str | None:
     v = doc.get(name)
+    if type(v) is str and 0 < len(v) <= limit:
+        return v  # the common case, checked first
     if v is None:
         if required:
             raise _Bad("missing_field", f"{name} is required")
@@ -328,7 +352,7 @@ def _decode_doc(doc: Any, limits: Limits) -> Event:
         raise _Bad("wrong_type", "ts must be integer epoch milliseconds")
     if not MIN_TS_MS <= ts < MAX_TS_MS:
         raise _Bad("ts_out_of_range", "ts is not between 2000 and 2100")
-    event_id = _str(doc, "event_id", limits.max_field_len, required=False)
+    event_id = _str(doc, "event_id", limits.max_field_len, False)
     if typ == "click":
         action = _str(doc, "action", limits.max_field_len)
         if action not in CLICK_ACTIONS:
@@ -359,8 +383,8 @@ def _decode_doc(doc: Any, limits: Limits) -> Event:
             ts,
             event_id,
             _str(doc, "cell_id", limits.max_field_len),  # type: ignore[arg-type]
-            _str(doc, "poi", limits.max_field_len, required=False),
-            _str(doc, "poi_id", limits.max_field_len, required=False),
+            _str(doc, "poi", limits.max_field_len, False),
+            _str(doc, "poi_id", limits.max_field_len, False),
         )
     if typ == "calls":
         interval_s = _int(doc, "interval_s")
@@ -395,7 +419,7 @@ def decode_record(rec: RawRecord, limits: Limits = DEFAULT_LIMITS) -> Envelope |
         return DeadLetter("too_large", "message is nested too deeply", value, rec.source, rec.pos)
     try:
         event = _decode_doc(doc, limits)
-        attrs = getattr(event, "attrs", None)
+        attrs = event.attrs if type(event) is ClickEvent else None
         if attrs is not None and len(value) > limits.max_attrs_bytes:
             # Only measure attrs when the whole message could exceed the bound.
             try:

@@ -32,6 +32,11 @@ class ProfileStore(Protocol):
         """Store profiles (replacing whole profiles); return how many were stored."""
         ...
 
+    def prefetch(self, customer_ids: Iterable[str]) -> None:
+        """Warm whatever cache sits in front of :meth:`get` for these customers, in one
+        round trip (the engine calls it once per batch; a no-op in memory)."""
+        ...
+
 
 class InMemoryProfileStore:
     """A dict of profiles; the embedded default and the replay store."""
@@ -48,6 +53,9 @@ class InMemoryProfileStore:
     def get_many(self, customer_ids: Iterable[str]) -> dict[str, Profile]:
         """Profiles for many customers (missing ones are empty), by customer id."""
         return {cid: self.get(cid) for cid in customer_ids}
+
+    def prefetch(self, customer_ids: Iterable[str]) -> None:
+        """Nothing to warm: every profile is in memory."""
 
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Store profiles; return how many were stored."""

@@ -1,0 +1,150 @@
+"""The live intake: raw records routed to shards by key, decoded and time-checked there,
+profiles prefetched once per batch; and the live flow end to end on 1 and 2 workers."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+
+from flows.aggregates import shard_key
+from flows.codec import json_dumps
+from flows.engine import EngineConfig, ShardEngine, shard_of
+from flows.experience import LiveIntake, Outputs, ShardRouter, build_flow
+from flows.model import DEFAULT_LIMITS, DeadLetter, Envelope, Profile, RawRecord
+from flows.rules import load_default_rules
+from flows.runner import tune_gc
+from flows.settings import Settings
+from state.profiles import InMemoryProfileStore
+
+NOW = 1_790_000_000_000
+
+
+def rec(doc: dict[str, Any] | bytes, *, key: bytes | None = None, source: str = "net.calls/0",
+        pos: int = 0) -> RawRecord:
+    value = doc if isinstance(doc, bytes) else json_dumps(doc)
+    return RawRecord(source, pos, value, key)
+
+
+def calls(cid: str, ts: int = NOW, total: int = 2) -> dict[str, Any]:
+    return {"type": "calls", "customer_id": cid, "ts": ts, "interval_s": 300,
+            "calls_in": total, "calls_out": 0, "missed": 0}
+
+
+def session_start(cid: str, ts: int = NOW) -> dict[str, Any]:
+    return {"type": "click", "customer_id": cid, "ts": ts, "terminal_id": "H01-T01",
+            "hall_id": "H01", "action": "session_start"}
+
+
+class SpyProfiles(InMemoryProfileStore):
+    """Records every prefetch call."""
+
+    def __init__(self, profiles: Iterable[Profile] = ()) -> None:
+        super().__init__(profiles)
+        self.prefetched: list[list[str]] = []
+
+    def prefetch(self, customer_ids: Iterable[str]) -> None:
+        self.prefetched.append(list(customer_ids))
+
+
+def test_router_groups_by_key_shard_keeping_arrival_order() -> None:
+    router = ShardRouter(8, DEFAULT_LIMITS)
+    records = [rec(calls(f"c{i % 5}"), key=f"c{i % 5}".encode(), pos=i) for i in range(40)]
+    groups = dict(router(records))
+    assert sum(len(g) for g in groups.values()) == 40
+    for key, group in groups.items():
+        for r in group:
+            cid = r.key.decode()  # type: ignore[union-attr]
+            assert key == shard_key(shard_of(cid, 8))
+        assert [r.pos for r in group] == sorted(r.pos for r in group)
+
+
+def test_router_decodes_keyless_records_and_sends_garbage_to_shard_zero() -> None:
+    router = ShardRouter(8, DEFAULT_LIMITS)
+    groups = dict(router([rec(calls("c7")), rec(b"{not json")]))
+    assert groups[shard_key(shard_of("c7", 8))][0].value == json_dumps(calls("c7"))
+    assert any(r.value == b"{not json" for r in groups[shard_key(shard_of("", 8))])
+
+
+def test_router_prefetches_the_profiles_of_clicks_only_once_per_batch() -> None:
+    spy = SpyProfiles()
+    router = ShardRouter(8, DEFAULT_LIMITS, spy, "touch.clicks/")
+    router([
+        rec(session_start("a"), key=b"a", source="touch.clicks/0"),
+        rec(calls("b"), key=b"b", source="net.calls/1"),
+        rec(session_start("c"), key=b"c", source="touch.clicks/2"),
+    ])
+    assert spy.prefetched == [["a", "c"]]
+
+
+def test_intake_dead_letters_bad_mismatched_stale_and_future_records() -> None:
+    intake = LiveIntake(DEFAULT_LIMITS, lateness_ms=300_000, horizon_ms=86_400_000,
+                        skew_ms=3_600_000)
+    out: list[Any] = []
+    envs = intake([[
+        rec(calls("a"), key=b"a"),
+        rec(b"\xff\xfe"),
+        rec(calls("b"), key=b"not-b"),
+        rec(calls("c", ts=NOW - 600_000), key=b"c"),       # stale: history only
+        rec(calls("d", ts=NOW - 2 * 86_400_000), key=b"d"),  # beyond the horizon
+        rec(calls("e", ts=NOW + 2 * 3_600_000), key=b"e"),   # from the future
+    ]], NOW, out)
+    assert [(e.event.customer_id, e.fresh) for e in envs] == [("a", True), ("c", False)]
+    assert all(type(e) is Envelope for e in envs)
+    assert sorted(d.reason for d in out if type(d) is DeadLetter) == [
+        "invalid_json", "key_mismatch", "late", "ts_in_future"]
+
+
+def test_live_batch_prefetches_clicking_customers_for_the_shard() -> None:
+    spy = SpyProfiles([Profile("a", subscriptions=frozenset({"care_link"}))])
+    eng = ShardEngine(0, load_default_rules(), spy, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    envs = intake([[rec(session_start("a"), key=b"a"), rec(calls("b"), key=b"b")]], NOW, out)
+    eng.on_live_batch(envs, NOW, out)
+    assert spy.prefetched == [["a"]]
+    assert [p.rule_id for p in out] == ["setup-first"]
+
+
+def _live_run(records: list[RawRecord], workers: int) -> tuple[list[Any], list[Any]]:
+    pushes: list[Any] = []
+    dead: list[Any] = []
+    flow = build_flow(
+        Settings(), source=TestingSource(records, batch_size=3),
+        outputs=Outputs(pushes=[TestingSink(pushes)], dead_letters=[TestingSink(dead)]),
+        rules=load_default_rules(),
+        profiles=InMemoryProfileStore([Profile(f"s{i}", subscriptions=frozenset({"care_link"}))
+                                       for i in range(20)]),
+        now_ms=lambda: NOW,
+    )
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    return pushes, dead
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_live_flow_routes_decodes_and_dead_letters_on_workers(workers: int) -> None:
+    records = [rec(session_start(f"s{i}"), key=f"s{i}".encode(), source="touch.clicks/0", pos=i)
+               for i in range(20)]
+    records += [rec(b"garbage", pos=100), rec(calls("x"), key=b"y", pos=101)]
+    pushes, dead = _live_run(records, workers)
+    assert sorted(p.customer_id for p in pushes) == sorted(f"s{i}" for i in range(20))
+    assert {p.rule_id for p in pushes} == {"setup-first"}
+    assert sorted(d.reason for d in dead) == ["invalid_json", "key_mismatch"]
+
+
+def test_tune_gc_raises_the_threshold_and_zero_leaves_it() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)
+        assert gc.get_threshold() == before
+        tune_gc(12_345)
+        assert gc.get_threshold()[0] == 12_345
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
