@@ -8,12 +8,21 @@ one pipeline per batch:
   stream gets ``EXPIRE push:<channel> <stream_ttl_s>`` after each batch that wrote it;
 * ``PUBLISH push:<channel> <push JSON>`` -- for live listeners (if ``publish``).
 
-The push JSON is ``flows.codec.json_dumps(push.to_dict())`` (outside clients read it).
+The push JSON is ``flows.codec.json_dumps(push.to_dict())`` (outside clients read it;
+the push's internal ``guard`` is not in it).
 
-With a guard store the sink first admits the batch (one request per push, keyed by
-``push_id`` at the push's event time) and writes only the admitted pushes, so a push
-replayed after a restart is not appended twice. Note the order: admit, then write. A
-crash between the two loses those pushes rather than duplicating them.
+With a guard store the sink first admits the batch (one request per push:
+:meth:`state.guards.GuardRequest.for_push`, its ``push_id`` at its event time plus the
+once-per key and per-customer cap its ``guard`` carries) and writes only the admitted
+pushes. So a push replayed after a restart is not appended twice, and workers or
+processes sharing one guard store (a shared Redis) never exceed a customer's cap nor
+repeat a once-per push, even when their flow states disagree. Note the order: admit,
+then write. A crash between the two loses those pushes rather than duplicating them.
+
+With ``cluster`` the sink uses redis-py's cluster client: every command of a batch
+names one key (``XADD``/``EXPIRE`` a stream, ``PUBLISH`` a channel, which Redis Cluster
+forwards to every node), so the pipeline is split by slot without any cross-slot
+operation.
 """
 
 from __future__ import annotations
@@ -24,17 +33,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.codec import DecodeError, json_dumps, json_loads
 from flows.model import Push
 from flows.settings import RedisSettings
 from state.guards import GuardRequest, GuardStore
+from state.redis_store import RedisClient, connect
 
 __all__ = ["GuardSpec", "RedisPushConfig", "RedisPushOutput", "read_channel", "stream_key"]
 
-GuardSpec: TypeAlias = GuardStore | Callable[[redis.Redis], GuardStore] | None
+GuardSpec: TypeAlias = GuardStore | Callable[[RedisClient], GuardStore] | None
 """A guard store, or a factory called in ``build()`` with that worker's client."""
 
 DEFAULT_PREFIX = "push:"
@@ -51,6 +60,7 @@ class RedisPushConfig:
 
     ``stream_ttl_s`` None or 0 = streams never expire. ``approximate_trim`` uses
     ``MAXLEN ~`` (cheap; the stream may hold somewhat more than ``stream_maxlen``).
+    ``cluster`` = ``url`` is a node of a Redis Cluster (redis-py's cluster client).
     """
 
     url: str = field(repr=False)  # may hold a password
@@ -59,6 +69,7 @@ class RedisPushConfig:
     publish: bool = True
     approximate_trim: bool = True
     prefix: str = DEFAULT_PREFIX
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.stream_maxlen < 1:
@@ -69,12 +80,13 @@ class RedisPushConfig:
         """The config from the ``redis`` settings section (which must have a url)."""
         if settings.url is None:
             raise ValueError("redis.url is not set")
-        return cls(
-            url=settings.url.get_secret_value(),
-            stream_maxlen=settings.stream_maxlen,
-            stream_ttl_s=settings.stream_ttl_s,
-            **overrides,
-        )
+        kwargs: dict[str, Any] = {
+            "url": settings.url.get_secret_value(),
+            "stream_maxlen": settings.stream_maxlen,
+            "stream_ttl_s": settings.stream_ttl_s,
+            "cluster": settings.cluster,
+        }
+        return cls(**(kwargs | overrides))
 
 
 class _Stats:
@@ -97,7 +109,7 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
     def __init__(
         self,
         config: RedisPushConfig,
-        client: redis.Redis,
+        client: RedisClient,
         guard: GuardStore | None,
         stats: _Stats,
     ) -> None:
@@ -112,9 +124,7 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
         counts: Counter[str] = Counter()
         pushes: Sequence[Push] = items
         if self._guard is not None:
-            decisions = self._guard.admit(
-                [GuardRequest(p.push_id, p.customer_id, p.event_ts) for p in items]
-            )
+            decisions = self._guard.admit([GuardRequest.for_push(p) for p in items])
             pushes = [p for p, d in zip(items, decisions, strict=True) if d == "ok"]
             counts.update(d for d in decisions if d != "ok")
         if pushes:
@@ -128,8 +138,8 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
                     key, {"data": data}, maxlen=cfg.stream_maxlen,
                     approximate=cfg.approximate_trim,
                 )
-                if cfg.publish:
-                    pipe.publish(key, data)
+                if cfg.publish:  # not pipe.publish: redis-py blocks it in cluster pipelines
+                    pipe.execute_command("PUBLISH", key, data)
                 streams[key] = None
             if cfg.stream_ttl_s:
                 for key in streams:
@@ -162,7 +172,7 @@ class RedisPushOutput(DynamicSink[Push]):
     def build(
         self, step_id: str, worker_index: int, worker_count: int
     ) -> _RedisPushPartition:
-        client = redis.Redis.from_url(self.config.url)
+        client = connect(self.config.url, cluster=self.config.cluster)
         spec = self._guard
         guard: GuardStore | None
         if spec is None:
@@ -189,7 +199,7 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
 
 
 def read_channel(
-    client: redis.Redis,
+    client: RedisClient,
     channel: str,
     last_id: str = "0-0",
     count: int = 100,

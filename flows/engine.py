@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import heapq
 import zlib
+from array import array
 from bisect import insort
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from flows.model import (
     LocationEvent,
     Profile,
     Push,
+    PushGuard,
     stable_id,
 )
 from flows.rules import Rule, RuleSet
@@ -148,7 +150,13 @@ class _Step:
 
 
 class Customer:
-    """One customer's context; bounded: old visits, intervals and pushes are trimmed."""
+    """One customer's context; bounded: old visits, intervals and pushes are trimmed.
+
+    Built for millions of customers: containers are made on first use (most customers
+    never get a push, many never click), and event times are kept in ``array('q')``
+    (8 bytes each instead of a boxed int): ``places`` maps a place to its sorted visit
+    times, ``calls`` is one array of ``ts, total`` pairs sorted by ts.
+    """
 
     __slots__ = ("calls", "last_ts", "once", "places", "push_times", "recent", "session", "step")
 
@@ -156,11 +164,11 @@ class Customer:
         self.last_ts = 0
         self.session: _Session | None = None
         self.step: _Step | None = None
-        self.places: dict[str, list[int]] = {}
-        self.calls: list[tuple[int, int]] = []
-        self.push_times: list[int] = []
-        self.once: dict[str, int] = {}
-        self.recent: list[tuple[int, str, str, str]] = []  # push ts, module, rule, hall
+        self.places: dict[str, array[int]] | None = None
+        self.calls: array[int] | None = None
+        self.push_times: list[int] | None = None
+        self.once: dict[str, int] | None = None
+        self.recent: list[tuple[int, str, str, str]] | None = None  # ts, module, rule, hall
 
     def to_state(self) -> list[Any]:
         """Plain data for a snapshot (MessagePack-able)."""
@@ -172,11 +180,11 @@ class Customer:
             if s
             else None,
             [st.module, st.step, st.enter_ts, st.key, sorted(st.fired)] if st else None,
-            self.places,
-            [list(x) for x in self.calls],
-            self.push_times,
-            self.once,
-            [list(x) for x in self.recent],
+            {k: v.tolist() for k, v in self.places.items()} if self.places else {},
+            _pairs(self.calls) if self.calls else [],
+            self.push_times or [],
+            self.once or {},
+            [list(x) for x in self.recent] if self.recent else [],
         ]
 
     @classmethod
@@ -194,11 +202,11 @@ class Customer:
             m, step, enter, key, fired = d[2]
             c.step = _Step(m, step, enter, key)
             c.step.fired = set(fired)
-        c.places = {k: list(v) for k, v in d[3].items()}
-        c.calls = [(a, b) for a, b in d[4]]
-        c.push_times = list(d[5])
-        c.once = dict(d[6])
-        c.recent = [(a, b, r, h) for a, b, r, h in d[7]]
+        c.places = {k: array("q", v) for k, v in d[3].items()} or None
+        c.calls = array("q", [x for pair in d[4] for x in pair]) if d[4] else None
+        c.push_times = list(d[5]) or None
+        c.once = dict(d[6]) or None
+        c.recent = [(a, b, r, h) for a, b, r, h in d[7]] or None
         return c
 
 
@@ -491,9 +499,12 @@ class ShardEngine:
         if poi is None or poi not in self._place_window:
             return
         ts = ev.ts
-        times = c.places.get(poi)
+        places = c.places
+        if places is None:
+            places = c.places = {}
+        times = places.get(poi)
         if times is None:
-            times = c.places[poi] = []
+            times = places[poi] = array("q")
         if ts not in times:
             insort(times, ts)
         horizon = times[-1] - self._place_window[poi]
@@ -520,11 +531,13 @@ class ShardEngine:
         ts = ev.ts
         total = ev.calls_in + ev.calls_out
         hist = c.calls
-        if env.fresh and len(hist) >= self._call_min_history:
-            if hist[-1][0] < ts:
-                prev = [t for (_when, t) in hist]
+        if hist is None:
+            hist = c.calls = array("q")
+        if env.fresh and len(hist) >= 2 * self._call_min_history:
+            if hist[-2] < ts:
+                prev = hist[1::2].tolist()
             else:
-                prev = [t for (when, t) in hist if when < ts]
+                prev = [hist[i + 1] for i in range(0, len(hist), 2) if hist[i] < ts]
             for r in self._call_rules:
                 tr = r.trigger
                 window = prev[-tr.max_history :]
@@ -537,14 +550,16 @@ class ShardEngine:
                               "min_total": tr.min_total}
                     self._push(c, r, env, ts, None, {"missed": ev.missed}, reason, out)
         # record the interval (replacing a duplicate report of the same interval)
-        for i, (when, _) in enumerate(hist):
-            if when == ts:
-                hist[i] = (ts, total)
-                break
+        j = len(hist)
+        while j and hist[j - 2] > ts:
+            j -= 2
+        if j and hist[j - 2] == ts:
+            hist[j - 1] = total
         else:
-            insort(hist, (ts, total))
-            if len(hist) > self._call_keep:
-                del hist[: len(hist) - self._call_keep]
+            hist[j:j] = array("q", (ts, total))
+            keep = 2 * self._call_keep
+            if len(hist) > keep:
+                del hist[: len(hist) - keep]
 
     def _fire(self, timer: tuple[int, str, str, str], out: Out) -> None:
         deadline, cid, visit_key, rule_id = timer
@@ -633,8 +648,6 @@ class ShardEngine:
         delivery guard store, which holds them across workers and restarts; session
         scopes stay flow-only, a visit is covered by the push id.
         """
-        from flows.model import PushGuard  # noqa: PLC0415  (top-level import: file owner)
-
         assert rule.push is not None
         module = module or rule.push.module
         assert module is not None
@@ -644,12 +657,12 @@ class ShardEngine:
         once_key: str | None = None
         if scope == "period":
             once_key = rule.id
-            if c.once.get(once_key, 0) > ts:
+            if c.once is not None and c.once.get(once_key, 0) > ts:
                 counts["rule", rule.id, "blocked:once_per"] += 1
                 return
         elif scope == "service":
             once_key = f"{rule.id}:{module}"
-            if once_key in c.once:
+            if c.once is not None and once_key in c.once:
                 counts["rule", rule.id, "blocked:once_per"] += 1
                 return
         elif scope in ("session", "session_service") and s is not None:
@@ -667,6 +680,8 @@ class ShardEngine:
         if guards.max_pushes_per_customer > 0:
             since = ts - guards.cap_window_ms
             times = c.push_times
+            if times is None:
+                times = c.push_times = []
             while times and times[0] <= since:
                 times.pop(0)
             if len(times) >= guards.max_pushes_per_customer:
@@ -674,6 +689,8 @@ class ShardEngine:
                 return
             insort(times, ts)
         if once_key is not None:
+            if c.once is None:
+                c.once = {}
             c.once[once_key] = ts + rule.once_ms if scope == "period" else FOREVER
         elif scope in ("session", "session_service") and s is not None:
             s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
@@ -706,17 +723,21 @@ class ShardEngine:
         counts["hall", hall, "pushes"] += 1
         counts["module", module, "pushes"] += 1
         recent = c.recent
-        if recent and ts - recent[0][0] > self.config.conversion_window_ms:
+        if recent is None:
+            recent = c.recent = []
+        elif recent and ts - recent[0][0] > self.config.conversion_window_ms:
             c.recent = recent = [x for x in recent
                                  if ts - x[0] <= self.config.conversion_window_ms]
         recent.append((ts, module, rule.id, hall))
 
     def _convert(self, c: Customer, module: str, ts: int) -> None:
         window = self.config.conversion_window_ms
-        c.recent = [x for x in c.recent if ts - x[0] <= window or x[0] > ts]
-        for i, (pts, pmod, rule_id, hall) in enumerate(c.recent):
+        if not c.recent:
+            return
+        recent = c.recent = [x for x in c.recent if ts - x[0] <= window or x[0] > ts]
+        for i, (pts, pmod, rule_id, hall) in enumerate(recent):
             if pmod == module and 0 <= ts - pts <= window:
-                del c.recent[i]
+                del recent[i]
                 self.counts["rule", rule_id, "conversions"] += 1
                 self.counts["hall", hall, "conversions"] += 1
                 self.counts["module", module, "conversions"] += 1
@@ -741,7 +762,11 @@ class ShardEngine:
             self.counts["engine", "evicted"] += len(dead)
 
 
-def count_visits(times: list[int], start: int, end: int, gap: int) -> int:
+def _pairs(flat: array[int]) -> list[list[int]]:
+    return [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+
+
+def count_visits(times: Sequence[int], start: int, end: int, gap: int) -> int:
     """Visits among sorted event times in ``[start, end]``: runs separated by >= ``gap``."""
     n = 0
     prev: int | None = None

@@ -23,15 +23,18 @@ from connectors.redis_push import (
     read_channel,
 )
 from flows.codec import json_dumps, json_loads
-from flows.model import Push
+from flows.model import Push, PushGuard
 from flows.settings import RedisSettings
 from state.guards import InMemoryGuardStore
 from state.redis_store import RedisGuardStore
+from tests.flows.helpers import MIN, H, Harness, click, location, profile, rules_with
 
 T0 = 1_700_000_000_000
 
 
-def push(i: int, channel: str = "terminal:T1", customer: str = "C1") -> Push:
+def push(
+    i: int, channel: str = "terminal:T1", customer: str = "C1", guard: PushGuard | None = None
+) -> Push:
     return Push(
         push_id=f"p{i}",
         customer_id=customer,
@@ -41,6 +44,7 @@ def push(i: int, channel: str = "terminal:T1", customer: str = "C1") -> Push:
         content={"title": f"offer {i}", "n": i, "text": "caf\u00e9"},
         event_ts=T0 + i,
         reason={"rule": "r-welcome", "i": i},
+        guard=guard,
     )
 
 
@@ -75,8 +79,11 @@ def test_config_from_settings_and_repr_hides_url() -> None:
     s = RedisSettings(url=SecretStr("redis://:secret@h:1/0"), stream_maxlen=50,
                       stream_ttl_s=60)
     cfg = RedisPushConfig.from_settings(s, publish=False)
-    assert (cfg.url, cfg.stream_maxlen, cfg.stream_ttl_s, cfg.publish) == (
-        "redis://:secret@h:1/0", 50, 60, False)
+    assert (cfg.url, cfg.stream_maxlen, cfg.stream_ttl_s, cfg.publish, cfg.cluster) == (
+        "redis://:secret@h:1/0", 50, 60, False, False)
+    assert RedisPushConfig.from_settings(
+        RedisSettings(url=SecretStr("redis://h:1/0"), cluster=True)
+    ).cluster
     assert "secret" not in repr(cfg)
     with pytest.raises(ValueError, match="url"):
         RedisPushConfig.from_settings(RedisSettings())
@@ -280,3 +287,177 @@ def test_two_workers_write_everything_once(redis_url: str, r: redis.Redis) -> No
     cluster_main(flow_of(pushes, sink2, spread=True), [], 0, worker_count_per_proc=2)
     assert sum(r.xlen(f"push:{ch}") for ch in channels) == 400
     assert sink2.stats() == {"duplicate": 400}
+
+
+# --- cap and once-per at delivery --------------------------------------------------------
+
+DAY = 24 * 3600 * 1000
+CAP3 = PushGuard(cap=3, cap_window_ms=DAY)
+ONCE = PushGuard(once_key="cinema-pay", once_ttl_ms=DAY, cap=3, cap_window_ms=DAY)
+
+
+def test_push_json_has_no_guard() -> None:
+    p = push(1, guard=ONCE)
+    assert "guard" not in p.to_dict()
+    assert p.to_dict() == push(1).to_dict()
+
+
+@integration
+def test_two_sinks_never_exceed_the_cap(redis_url: str, r: redis.Redis) -> None:
+    """Two processes (each its own sink and guard store) push for one customer."""
+    cfg = RedisPushConfig(url=redis_url)
+    a = RedisPushOutput(cfg, guard=RedisGuardStore)
+    b = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run([push(i, guard=CAP3) for i in range(2)], a)
+    run([push(10 + i, guard=CAP3) for i in range(3)], b)
+    assert a.stats() == {"written": 2}
+    assert b.stats() == {"written": 1, "cap": 2}
+    assert [json_loads(d)["push_id"] for d in entries(r, "terminal:T1")] == ["p0", "p1", "p10"]
+    # another customer has a cap of its own; a push with no guard is not capped
+    run([push(20 + i, customer="C2", guard=CAP3) for i in range(4)]
+        + [push(30 + i) for i in range(4)], b)
+    assert b.stats() == {"written": 8, "cap": 3}
+
+
+@integration
+def test_concurrent_sinks_share_one_cap(redis_url: str, r: redis.Redis) -> None:
+    """Two dataflows run at the same time; together they admit exactly the cap."""
+    cfg = RedisPushConfig(url=redis_url)
+    sinks = [RedisPushOutput(cfg, guard=RedisGuardStore) for _ in range(2)]
+    batches = [[push(100 * k + i, guard=CAP3) for i in range(50)] for k in range(2)]
+    errors: list[BaseException] = []
+
+    def go(k: int) -> None:
+        try:
+            run(batches[k], sinks[k])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    written = sum(s.stats().get("written", 0) for s in sinks)
+    capped = sum(s.stats().get("cap", 0) for s in sinks)
+    assert (written, capped) == (3, 97)
+    assert r.xlen("push:terminal:T1") == 3
+
+
+@integration
+def test_once_key_across_sinks_and_replay(redis_url: str, r: redis.Redis) -> None:
+    cfg = RedisPushConfig(url=redis_url)
+    a = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run([push(1, guard=ONCE)], a)
+    b = RedisPushOutput(cfg, guard=RedisGuardStore)
+    # another worker's cinema push (another trigger, so another push id): blocked
+    run([push(2, guard=ONCE), push(3, channel="customer:C1", guard=ONCE)], b)
+    assert b.stats() == {"once": 2}
+    # a replay of the first push: a duplicate, not a second delivery
+    c = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run([push(1, guard=ONCE)], c)
+    assert c.stats() == {"duplicate": 1}
+    assert r.xlen("push:terminal:T1") == 1
+    assert not r.exists("push:customer:C1")
+
+
+@integration
+def test_two_workers_hold_the_cap_per_customer(redis_url: str, r: redis.Redis) -> None:
+    """One dataflow, two workers each with its own client; pushes spread between them."""
+    customers = [f"C{i}" for i in range(5)]
+    pushes = [push(i, channel=f"customer:{customers[i % 5]}", customer=customers[i % 5],
+                   guard=CAP3) for i in range(100)]
+    sink = RecordingOutput(RedisPushConfig(url=redis_url), guard=RedisGuardStore)
+    cluster_main(flow_of(pushes, sink, spread=True), [], 0, worker_count_per_proc=2)
+    assert set(sink.per_worker) == {0, 1}
+    assert sink.stats() == {"written": 15, "cap": 85}
+    for c in customers:
+        assert r.xlen(f"push:customer:{c}") == 3
+
+
+CID = "13900000001"
+
+
+@integration
+def test_engine_restart_with_fresh_state_cannot_exceed_the_cap(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """The engine's pushes carry their guard: a second engine (no snapshot) is held.
+
+    Engine A sends three pushes at a session start (the default cap is 3 per 24 h).
+    Engine B starts from empty flow state, as after a restart without a snapshot or a
+    second deployment reading the same customers: its own state lets its three pushes
+    through, the shared Redis guard does not.
+    """
+    busy = profile(CID, subscriptions=["care_link", "remote_cam"], trials={"a": T0 + 30 * H})
+    cfg = RedisPushConfig(url=redis_url)
+    engine_a = Harness(profiles=[busy])
+    engine_a.feed(click(CID, T0, "session_start"))
+    assert len(engine_a.pushes) == 3
+    assert all(p.guard is not None and p.guard.cap == 3 for p in engine_a.pushes)
+    sink_a = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run(engine_a.pushes, sink_a)
+    assert sink_a.stats() == {"written": 3}
+
+    engine_b = Harness(profiles=[busy])  # fresh flow state
+    engine_b.feed(location(CID, T0 + H), location(CID, T0 + 3 * H))  # cinema-pay
+    engine_b.feed(click(CID, T0 + 4 * H, "session_start", terminal="T2"))
+    assert len(engine_b.pushes) == 3  # the fresh state saw no earlier pushes
+    sink_b = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run(engine_b.pushes, sink_b)
+    assert sink_b.stats() == {"cap": 3}
+    assert not r.exists("push:terminal:T2", f"push:customer:{CID}")
+
+
+@integration
+def test_engine_restart_with_fresh_state_cannot_repeat_a_once_push(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Once per 24 h (cinema-pay) and once per service (trial-ending) hold at delivery.
+
+    The cap is raised to 10 so that only the once-per guards decide. Session scopes
+    (setup-first: once per session and service) stay flow-only: a new session may
+    push the setup guide again.
+    """
+    rules = rules_with(guards={"max_pushes_per_customer": 10})
+    fan = profile(CID, subscriptions=["care_link"], trials={"a": T0 + 30 * H})
+    cfg = RedisPushConfig(url=redis_url)
+    engine_a = Harness(rules=rules, profiles=[fan])
+    engine_a.feed(location(CID, T0 - 2 * H), location(CID, T0))  # cinema-pay at T0
+    engine_a.feed(click(CID, T0 + MIN, "session_start"))  # setup-first + trial-ending
+    assert sorted(p.rule_id for p in engine_a.pushes) == [
+        "cinema-pay", "setup-first", "trial-ending"]
+    cinema = engine_a.pushes_of("cinema-pay")[0]
+    assert cinema.guard == PushGuard(once_key="cinema-pay", once_ttl_ms=24 * H, cap=10,
+                                     cap_window_ms=24 * H)
+    trial = engine_a.pushes_of("trial-ending")[0]
+    assert trial.guard == PushGuard(once_key="trial-ending:a", once_ttl_ms=None, cap=10,
+                                    cap_window_ms=24 * H)
+    setup = engine_a.pushes_of("setup-first")[0]
+    assert setup.guard is not None and setup.guard.once_key is None  # session: flow-only
+    sink_a = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run(engine_a.pushes, sink_a)
+    assert sink_a.stats() == {"written": 3}
+
+    engine_b = Harness(rules=rules, profiles=[fan])  # fresh flow state
+    engine_b.feed(location(CID, T0 + H), location(CID, T0 + 3 * H))  # cinema-pay again
+    engine_b.feed(click(CID, T0 + 4 * H, "session_start", terminal="T2"))
+    assert sorted(p.rule_id for p in engine_b.pushes) == [
+        "cinema-pay", "setup-first", "trial-ending"]
+    sink_b = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run(engine_b.pushes, sink_b)
+    assert sink_b.stats() == {"written": 1, "once": 2}
+    assert [json_loads(d)["rule_id"] for d in entries(r, "terminal:T2")] == ["setup-first"]
+
+    # a day after the first cinema push its period is over; the trial push never returns
+    engine_c = Harness(rules=rules, profiles=[fan])
+    engine_c.feed(location(CID, T0 + 23 * H), location(CID, T0 + 25 * H))
+    engine_c.feed(click(CID, T0 + 26 * H, "session_start", terminal="T3"))
+    sink_c = RedisPushOutput(cfg, guard=RedisGuardStore)
+    run(engine_c.pushes, sink_c)
+    assert sink_c.stats() == {"written": 2, "once": 1}
+    assert sorted(json_loads(d)["rule_id"] for d in entries(r, "terminal:T3")) == [
+        "setup-first"]
+    assert [json_loads(d)["rule_id"] for d in entries(r, f"customer:{CID}")] == [
+        "cinema-pay", "cinema-pay"]

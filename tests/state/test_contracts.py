@@ -1,4 +1,8 @@
-"""One set of contract tests for every ProfileStore and GuardStore implementation."""
+"""One set of contract tests for every ProfileStore and GuardStore implementation.
+
+Each runs in memory, against a single redis-server and against a three-node Redis
+Cluster (where one batch spans customers of several slots and nodes).
+"""
 
 from __future__ import annotations
 
@@ -7,40 +11,76 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
-from flows.model import Profile
-from state.guards import GuardRequest, GuardStore, InMemoryGuardStore
+from flows.model import Profile, Push, PushGuard
+from state.guards import FOREVER_MS, GuardRequest, GuardStore, InMemoryGuardStore
 from state.profiles import InMemoryProfileStore, ProfileStore
-from state.redis_store import RedisGuardStore, RedisProfileStore
+from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore
 
 T0 = 1_700_000_000_000
 MIN = 60_000
 
 Profiles = InMemoryProfileStore | RedisProfileStore
 
-IMPLS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+IMPLS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.integration),
+    pytest.param("redis-cluster", marks=pytest.mark.integration),
+]
+
+
+class Clients:
+    """Makes clients of one server (or cluster) for a test and closes them after it."""
+
+    def __init__(self, url: str, cluster: bool) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.made: list[RedisClient] = []
+
+    def new(self) -> RedisClient:
+        c: RedisClient = (
+            RedisCluster.from_url(self.url) if self.cluster else redis.Redis.from_url(self.url)
+        )
+        self.made.append(c)
+        return c
+
+
+@pytest.fixture(params=IMPLS)
+def clients(request: pytest.FixtureRequest) -> Iterator[Clients | None]:
+    """None for the in-memory stores, else a maker of clients of a fresh Redis."""
+    if request.param == "memory":
+        yield None
+        return
+    cluster = request.param == "redis-cluster"
+    url: str = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+    made = Clients(url, cluster)
+    yield made
+    for c in made.made:
+        c.close()
 
 
 @pytest.fixture
-def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    url: str = request.getfixturevalue("redis_url")
-    c = redis.Redis.from_url(url)
-    yield c
-    c.close()
-
-
-@pytest.fixture(params=IMPLS)
-def profiles(request: pytest.FixtureRequest) -> Profiles:
-    if request.param == "memory":
+def profiles(clients: Clients | None) -> Profiles:
+    if clients is None:
         return InMemoryProfileStore()
-    return RedisProfileStore(request.getfixturevalue("client"))
+    return RedisProfileStore(clients.new())
 
 
-@pytest.fixture(params=IMPLS)
-def guards(request: pytest.FixtureRequest) -> GuardStore:
-    if request.param == "memory":
+@pytest.fixture
+def guards(clients: Clients | None) -> GuardStore:
+    if clients is None:
         return InMemoryGuardStore()
-    return RedisGuardStore(request.getfixturevalue("client"))
+    return RedisGuardStore(clients.new())
+
+
+@pytest.fixture
+def guard_pair(clients: Clients | None) -> tuple[GuardStore, GuardStore]:
+    """Two stores over the same state: two workers or processes sharing one Redis."""
+    if clients is None:
+        shared = InMemoryGuardStore()
+        return shared, shared
+    return RedisGuardStore(clients.new()), RedisGuardStore(clients.new())
 
 
 FULL = Profile(
@@ -216,3 +256,82 @@ def test_zero_idempotency_ttl_readmits_and_counts_cap(guards: GuardStore) -> Non
     assert guards.admit([r, r, r]) == ["ok", "ok", "cap"]
     # a zero ttl still records "until now": an earlier time is a duplicate
     assert guards.admit([req("p1", T0 - 1, idempotency_ttl_ms=0)]) == ["duplicate"]
+
+
+# --- customer scope, once for good, shared stores -------------------------------------
+
+
+def test_push_id_and_once_key_are_per_customer(guards: GuardStore) -> None:
+    once: dict[str, Any] = {"once_key": "welcome", "once_ttl_ms": 10 * MIN}
+    assert guards.admit([req("p1", T0, **once)]) == ["ok"]
+    # the same push id and once key for another customer are that customer's own
+    assert guards.admit([req("p1", T0 + 1, customer="C2", **once)]) == ["ok"]
+    assert guards.admit([req("p1", T0 + 2, customer="C2")]) == ["duplicate"]
+    assert guards.admit([req("p2", T0 + 2, customer="C2", **once)]) == ["once"]
+    assert guards.admit([req("p3", T0 + 2, **once)]) == ["once"]
+
+
+def test_once_key_without_ttl_blocks_for_good(guards: GuardStore) -> None:
+    assert GuardRequest("p", "C1", T0, once_key="k").once_until() == FOREVER_MS
+    assert guards.admit([req("p1", T0, once_key="trial:5G")]) == ["ok"]
+    assert guards.admit([req("p2", T0 + 400 * 24 * 60 * MIN, once_key="trial:5G")]) == ["once"]
+    assert guards.admit([req("p3", T0 + 1, once_key="trial:CLOUD")]) == ["ok"]
+    # a timed key of the same name as a for-good one of another customer is independent
+    assert guards.admit([req("p4", T0, customer="C2", once_key="trial:5G",
+                             once_ttl_ms=MIN)]) == ["ok"]
+    assert guards.admit([req("p5", T0 + MIN, customer="C2", once_key="trial:5G",
+                             once_ttl_ms=MIN)]) == ["ok"]
+
+
+def test_many_customers_in_one_batch_keep_their_own_order(guards: GuardStore) -> None:
+    """Requests of 40 customers interleaved in one batch (several cluster slots)."""
+    cap: dict[str, Any] = {"cap": 2, "cap_window_ms": 60 * MIN}
+    batch = []
+    for i in range(4):
+        for c in range(40):
+            once = {"once_key": "k", "once_ttl_ms": MIN} if i == 3 else {}
+            batch.append(req(f"p{i}", T0 + i, customer=f"cust-{c}", **cap, **once))
+    got = guards.admit(batch)
+    assert got == InMemoryGuardStore().admit(batch)
+    assert got == ["ok"] * 80 + ["cap"] * 80
+    # replaying the first two of every customer: duplicates, in the caller's order
+    assert guards.admit(batch[:80]) == ["duplicate"] * 80
+
+
+def test_request_for_push_carries_its_guard() -> None:
+    g = PushGuard(once_key="cinema-pay", once_ttl_ms=24 * 60 * MIN, cap=3, cap_window_ms=MIN)
+    p = Push("p1", "C1", "customer:C1", "cinema-pay", 1, {}, T0, {}, guard=g)
+    assert GuardRequest.for_push(p) == GuardRequest(
+        "p1", "C1", T0, once_key="cinema-pay", once_ttl_ms=24 * 60 * MIN, cap=3,
+        cap_window_ms=MIN,
+    )
+    bare = Push("p2", "C1", "customer:C1", "r", 1, {}, T0, {})
+    assert GuardRequest.for_push(bare) == GuardRequest("p2", "C1", T0)
+    assert "guard" not in p.to_dict()  # never on the wire
+
+
+def test_two_stores_share_cap_once_and_push_ids(
+    guard_pair: tuple[GuardStore, GuardStore],
+) -> None:
+    """Two workers (or a restart with fresh flow state) sharing one store."""
+    a, b = guard_pair
+    cap: dict[str, Any] = {"cap": 3, "cap_window_ms": 24 * 60 * MIN}
+    assert a.admit([req("p1", T0, **cap), req("p2", T0 + 1, **cap)]) == ["ok", "ok"]
+    assert b.admit([req("q1", T0 + 2, **cap), req("q2", T0 + 3, **cap)]) == ["ok", "cap"]
+    assert a.admit([req("p3", T0 + 4, **cap)]) == ["cap"]
+    # once keys: what one admitted the other does not admit again
+    once: dict[str, Any] = {"once_key": "cinema-pay", "once_ttl_ms": 24 * 60 * MIN}
+    assert a.admit([req("x1", T0, customer="C2", **once)]) == ["ok"]
+    assert b.admit([req("x2", T0 + 60 * MIN, customer="C2", **once)]) == ["once"]
+    # a push id one admitted is a duplicate for the other
+    assert b.admit([req("x1", T0 + 1, customer="C2")]) == ["duplicate"]
+    assert a.admit([req("q1", T0 + 5, **cap)]) == ["duplicate"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"idempotency_ttl_ms": -1}, {"once_ttl_ms": -1}, {"cap": -1}, {"cap_window_ms": -1}],
+)
+def test_negative_guard_values_are_rejected(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        GuardRequest("p1", "C1", T0, once_key="k", **bad)

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
+from flows.codec import pack, unpack
 from flows.model import Profile
-from state.guards import Decision, GuardRequest, InMemoryGuardStore
+from state.guards import FOREVER_MS, Decision, GuardRequest, InMemoryGuardStore
 from state.redis_store import RedisGuardStore, RedisProfileStore
 
 pytestmark = pytest.mark.integration
@@ -237,12 +239,88 @@ def test_guard_key_layout(client: CountingRedis, admin: redis.Redis) -> None:
     r = GuardRequest("p1", "C1", T0, idempotency_ttl_ms=MIN, once_key="welcome",
                      once_ttl_ms=MIN, cap=3, cap_window_ms=MIN)
     assert store.admit([r]) == ["ok"]
-    assert admin.get("guard:id:p1") == str(T0 + MIN)
-    assert admin.get("guard:once:welcome") == str(T0 + MIN)
-    assert admin.zrange("guard:cap:C1", 0, -1, withscores=True) == [("p1", float(T0))]
-    for key in ("guard:id:p1", "guard:once:welcome", "guard:cap:C1"):
+    assert sorted(admin.keys("*")) == ["guard:{C1}", "guard:{C1}:id:p1"]
+    # the push id marker: one number, in Redis' own decimal form
+    assert admin.get("guard:{C1}:id:p1") == str(T0 + MIN)
+    # the customer's record: MessagePack
+    raw = client.get("guard:{C1}")
+    assert unpack(raw) == {"once": {"welcome": T0 + MIN}, "sent": [T0]}
+    assert store.record("C1") == {"once": {"welcome": T0 + MIN}, "sent": [T0]}
+    assert store.record("nobody") == {}
+    for key in ("guard:{C1}", "guard:{C1}:id:p1"):
         assert 0 < admin.pttl(key) <= MIN + 3_600_000
-    assert sorted(admin.keys("*")) == ["guard:cap:C1", "guard:id:p1", "guard:once:welcome"]
+    # every key of one customer is in one cluster slot
+    assert key_slot(b"guard:{C1}") == key_slot(b"guard:{C1}:id:p1")
+    assert store.record_key("C1") == "guard:{C1}"
+    assert store.id_key("C1", "p1") == "guard:{C1}:id:p1"
+
+
+def test_guard_record_parts_only_when_used(client: CountingRedis, admin: redis.Redis) -> None:
+    store = RedisGuardStore(client)
+    assert store.admit([GuardRequest("p1", "C1", T0)]) == ["ok"]
+    assert admin.keys("*") == ["guard:{C1}:id:p1"]  # no cap, no once key: no record
+    assert store.admit([GuardRequest("p2", "C1", T0, cap=2)]) == ["ok"]
+    assert store.record("C1") == {"sent": [T0]}
+    assert store.admit([GuardRequest("p3", "C2", T0, once_key="k", once_ttl_ms=MIN)]) == ["ok"]
+    assert store.record("C2") == {"once": {"k": T0 + MIN}}
+
+
+def test_guard_once_for_good_record_never_expires(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    store = RedisGuardStore(client)
+    r = GuardRequest("p1", "C1", T0, once_key="trial-ending:5G", cap=3, cap_window_ms=MIN)
+    assert store.admit([r]) == ["ok"]
+    assert store.record("C1") == {"once": {"trial-ending:5G": FOREVER_MS}, "sent": [T0]}
+    assert admin.pttl("guard:{C1}") == -1  # no expiry while it holds a for-good key
+    assert 0 < admin.pttl("guard:{C1}:id:p1")
+
+
+def test_guard_record_gc_in_event_time(client: CountingRedis, admin: redis.Redis) -> None:
+    store = RedisGuardStore(client, gc_slack_ms=10 * MIN)
+    once: dict[str, Any] = {"once_key": "k", "once_ttl_ms": MIN}
+    assert store.admit([GuardRequest("p1", "C1", T0, cap=5, cap_window_ms=MIN, **once)]) == [
+        "ok"
+    ]
+    # later: the cap window has slid past p1; the once key ended more than the slack ago
+    later = T0 + MIN + 10 * MIN
+    assert store.admit([GuardRequest("p2", "C1", later, once_key="k2", once_ttl_ms=MIN)]) == [
+        "ok"
+    ]
+    assert store.record("C1") == {"once": {"k2": later + MIN}, "sent": [T0]}  # k dropped
+    assert store.admit([GuardRequest("p3", "C1", later, cap=5, cap_window_ms=MIN)]) == ["ok"]
+    assert store.record("C1") == {"once": {"k2": later + MIN}, "sent": [later]}
+    # the record's expiry covers its longest part plus the slack
+    assert MIN + 10 * MIN - 1000 < admin.pttl("guard:{C1}") <= MIN + 10 * MIN
+
+
+def test_guard_unreadable_record_is_empty_and_rewritten(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    admin.set("guard:{C1}", "this is not msgpack \xc1")
+    store = RedisGuardStore(client)
+    cap: dict[str, Any] = {"cap": 1, "cap_window_ms": MIN}
+    assert store.admit([GuardRequest("p1", "C1", T0, **cap)]) == ["ok"]
+    assert store.record("C1") == {"sent": [T0]}
+    assert store.admit([GuardRequest("p2", "C1", T0 + 1, **cap)]) == ["cap"]
+    # a record of the wrong shape: parts that are not what they should be are ignored
+    client.set("guard:{C2}", pack({"once": [1, 2], "sent": {"x": 1}}))
+    assert store.admit([GuardRequest("q1", "C2", T0, once_key="k", once_ttl_ms=MIN,
+                                     **cap)]) == ["ok"]
+    assert store.record("C2") == {"once": {"k": T0 + MIN}, "sent": [T0]}
+
+
+def test_guard_groups_customers_into_few_script_calls(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    store = RedisGuardStore(client, chunk=100)
+    reqs = [GuardRequest(f"p{i}", f"C{i % 30}", T0 + i, cap=3) for i in range(150)]
+    admin.config_resetstat()
+    client.round_trips = 0
+    got = store.admit(reqs)
+    assert got == InMemoryGuardStore().admit(reqs)
+    assert client.round_trips == 1
+    assert server_calls(admin, "evalsha") == 2  # 150 requests of 30 customers, chunks of 100
 
 
 def test_guard_one_round_trip_per_call_and_script_reload(
@@ -269,7 +347,7 @@ def test_guard_matches_reference_on_random_traffic(client: CountingRedis) -> Non
         batch = []
         for _ in range(rng.randint(1, 40)):
             now += rng.randint(-2 * MIN, 3 * MIN)  # out of order at times
-            once = rng.choice([None, None, "k1", "k2"])
+            once = rng.choice([None, None, "k1", "k2", "k3"])
             batch.append(
                 GuardRequest(
                     push_id=f"p{rng.randint(0, 150)}",
@@ -277,7 +355,7 @@ def test_guard_matches_reference_on_random_traffic(client: CountingRedis) -> Non
                     now_ms=now,
                     idempotency_ttl_ms=rng.choice([0, 5 * MIN, 60 * MIN]),
                     once_key=once,
-                    once_ttl_ms=rng.choice([0, 3 * MIN, 20 * MIN]),
+                    once_ttl_ms=None if once == "k3" else rng.choice([0, 3 * MIN, 20 * MIN]),
                     cap=rng.choice([0, 1, 3, 5]),
                     cap_window_ms=rng.choice([MIN, 10 * MIN, 30 * MIN]),
                 )
@@ -344,3 +422,31 @@ def test_guard_duplicate_is_atomic_under_concurrency(redis_url: str) -> None:
         c.close()
     assert out.count("ok") == 20
     assert out.count("duplicate") == 7 * 20
+
+
+def test_guard_once_key_is_atomic_under_concurrency(redis_url: str) -> None:
+    """Eight workers want to send the same once-per push (each its own push id)."""
+    clients = [redis.Redis.from_url(redis_url) for _ in range(8)]
+    barrier = threading.Barrier(8)
+    out: list[Decision] = []
+    lock = threading.Lock()
+
+    def work(t: int, c: redis.Redis) -> None:
+        store = RedisGuardStore(c)
+        barrier.wait()
+        d = store.admit(
+            [GuardRequest(f"w{t}-c{i}", f"C{i}", T0 + t, once_key="cinema-pay",
+                          once_ttl_ms=24 * 60 * MIN, cap=3) for i in range(20)]
+        )
+        with lock:
+            out.extend(d)
+
+    threads = [threading.Thread(target=work, args=(t, c)) for t, c in enumerate(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    for c in clients:
+        c.close()
+    assert out.count("ok") == 20  # one per customer
+    assert out.count("once") == 7 * 20
