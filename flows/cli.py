@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import redis
 from pydantic import ValidationError
 
 from connectors.console import ConsoleView
@@ -16,8 +15,9 @@ from connectors.kafka import create_topics
 from flows.rules import RulesError, load_rules
 from flows.runner import all_topics, load_rule_set, replay, run_live
 from flows.settings import Settings, load_settings
+from gateway.cli import add_commands as add_gateway_commands
 from state.profiles import read_profiles_jsonl
-from state.redis_store import RedisProfileStore
+from state.redis_store import RedisProfileStore, make_client
 
 __all__ = ["main"]
 
@@ -26,7 +26,7 @@ log = logging.getLogger("touchstream")
 
 def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     engine: dict[str, Any] = {}
-    for name in ("workers", "shards"):
+    for name in ("workers", "shards", "process_id", "addresses"):
         v = getattr(args, name, None)
         if v is not None:
             engine[name] = v
@@ -72,6 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                   demo_seed=args.seed, demo_rate=args.rate),
         _wire_overrides(args),
     )
+    es = settings.engine
+    if es.addresses and not settings.kafka.brokers:
+        print("touchstream: a multi-process cluster (-a/--addresses) needs Kafka input "
+              "(--kafka): demo traffic is one generator in one process, and the demo profiles "
+              "it loads live in that process's memory, so customers whose shards run on "
+              "another process would get empty profiles", file=sys.stderr)
+        return 2
     rules = load_rule_set(settings)
     view = ConsoleView()
     where = [f"Kafka {settings.kafka.brokers}" if settings.kafka.brokers else
@@ -79,6 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
              "Redis state and push streams" if settings.redis.url else "in-memory state"]
     if settings.webhook_targets():
         where.append(f"{len(settings.webhook_targets())} webhook target(s)")
+    if es.addresses:
+        where.append(f"process {es.process_id} of {len(es.addresses)} "
+                     f"({es.addresses[es.process_id or 0]})")
     print(f"touchstream: live on {', '.join(where)}; rules {rules.source} "
           f"v{rules.version} ({len(rules.rules)} rules); "
           + (f"stopping after {args.duration:g} s" if args.duration else "Ctrl-C to stop"),
@@ -111,7 +121,7 @@ def cmd_profiles_load(args: argparse.Namespace) -> int:
     if settings.redis.url is None:
         print("touchstream: --redis (or TOUCHSTREAM_REDIS__URL) is required", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    client = make_client(settings.redis)
     try:
         n = RedisProfileStore(client).put_many(read_profiles_jsonl(args.file))
     finally:
@@ -169,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--seed", type=int, default=7, help="demo traffic seed")
     run.add_argument("--rate", type=float, default=20.0, help="demo background events/s")
+    run.add_argument("-i", "--process-id", type=int, metavar="N",
+                     help="multi-process cluster: this process's index in --addresses "
+                     "(needs --kafka)")
+    run.add_argument("-a", "--addresses", metavar="HOST:PORT;HOST:PORT...",
+                     help="multi-process cluster: every process's host:port, the same list "
+                     "in the same order on each process")
     run.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("replay", help="replay a JSONL file in event time")
@@ -197,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     val = rsub.add_parser("validate", help="check a rules file")
     val.add_argument("file", type=Path)
     val.set_defaults(func=cmd_rules_validate)
+
+    add_gateway_commands(sub)  # touchstream gateway token|serve (gateway/cli.py)
     return p
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import redis
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.testing import cluster_main, run_main
@@ -40,9 +40,9 @@ from flows.model import Alert, DeadLetter, Push, RawRecord
 from flows.rules import RuleSet, load_default_rules, load_rules
 from flows.settings import Settings
 from state.profiles import InMemoryProfileStore, ProfileStore, read_profiles_jsonl
-from state.redis_store import RedisGuardStore, RedisProfileStore
+from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore, make_client
 
-__all__ = ["all_topics", "load_rule_set", "replay", "run_dataflow", "run_live"]
+__all__ = ["all_topics", "load_rule_set", "replay", "run_dataflow", "run_live", "tune_gc"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,25 @@ def load_rule_set(settings: Settings) -> RuleSet:
     return load_rules(settings.rules_file) if settings.rules_file else load_default_rules()
 
 
-def run_dataflow(flow: Dataflow, workers: int, epoch_s: float) -> None:
-    """Run a dataflow in this process with ``workers`` worker threads."""
+def run_dataflow(flow: Dataflow, workers: int, epoch_s: float, *,
+                 addresses: Sequence[str] = (), process_id: int | None = None) -> None:
+    """Run a dataflow with ``workers`` worker threads in this process.
+
+    With ``addresses`` (``host:port`` of every process of a cluster, the same list in
+    the same order on each), this process is process ``process_id`` of that cluster:
+    Bytewax connects the processes, spreads input partitions and state keys over all
+    ``len(addresses) * workers`` workers, and returns when the whole cluster is done.
+    """
     interval = timedelta(seconds=epoch_s)
-    if workers <= 1:
+    if addresses:
+        if process_id is None or not 0 <= process_id < len(addresses):
+            raise ValueError(f"process_id {process_id} is not an index of the "
+                             f"{len(addresses)} cluster addresses")
+        log.info("process %d of %d (%s), %d worker(s) each", process_id, len(addresses),
+                 addresses[process_id], workers)
+        cluster_main(flow, list(addresses), process_id,  # type: ignore[no-untyped-call]
+                     epoch_interval=interval, worker_count_per_proc=workers)
+    elif workers <= 1:
         run_main(flow, epoch_interval=interval)  # type: ignore[no-untyped-call]
     else:
         cluster_main(flow, [], 0, epoch_interval=interval,  # type: ignore[no-untyped-call]
@@ -176,16 +191,39 @@ def all_topics(settings: Settings) -> dict[str, int]:
     return {n: k.partitions.get(n, k.default_partitions) for n in names}
 
 
+def tune_gc(gen0_threshold: int) -> None:
+    """Make Python's cyclic GC cheap for a long-running flow.
+
+    Per-customer state is millions of small, long-lived containers that never form
+    cycles; at the default threshold (700 allocations) the collector keeps walking
+    them and costs about as much as the rules themselves. Everything alive at start
+    (rules, loaded profiles, modules) is frozen out of collections, and generation 0
+    is collected every ``gen0_threshold`` allocations instead. 0 leaves Python's
+    defaults.
+    """
+    if gen0_threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _g0, g1, g2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, g1, g2)
+
+
 def run_live(settings: Settings, *, duration_s: float | None = None,
-             console: ConsoleView | None = None) -> None:
-    """Run live: Kafka or demo traffic in; console, Kafka, Redis and webhooks out."""
+             console: ConsoleView | None = None,
+             wrap_source: Callable[[Source[RawRecord]], Source[RawRecord]] | None = None,
+             ) -> None:
+    """Run live: Kafka or demo traffic in; console, Kafka, Redis and webhooks out.
+
+    ``wrap_source`` (benchmarks) wraps the input source before the flow is built.
+    """
     k = settings.kafka
     rules = load_rule_set(settings)
     outputs = Outputs()
     profiles: ProfileStore
-    redis_client: redis.Redis | None = None
+    redis_client: RedisClient | None = None
     if settings.redis.url is not None:
-        redis_client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        redis_client = make_client(settings.redis)
         profiles = RedisProfileStore(redis_client, settings.redis.profile_cache_ttl_s)
         outputs.pushes.append(
             RedisPushOutput(RedisPushConfig.from_settings(settings.redis), guard=RedisGuardStore)
@@ -225,9 +263,18 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         outputs.alerts.append(sinks["alerts"])
         outputs.dead_letters.append(sinks["dead_letters"])
         outputs.stats.append(sinks["stats"])
+    if wrap_source is not None:
+        source = wrap_source(source)
     flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles)
+    es = settings.engine
+    tune_gc(es.gc_threshold)
     try:
-        run_dataflow(flow, settings.engine.workers, settings.engine.epoch_interval_s)
+        if es.addresses and not k.brokers:
+            # Demo traffic is one generator in one process, and the demo profiles it loads
+            # live in that process's memory: shards on other processes would see none.
+            raise ValueError("a multi-process cluster (engine.addresses) needs Kafka input")
+        run_dataflow(flow, es.workers, es.epoch_interval_s, addresses=es.addresses,
+                     process_id=es.process_id)
     finally:
         if redis_client is not None:
             redis_client.close()

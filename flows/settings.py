@@ -9,12 +9,14 @@ environment itself.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -58,6 +60,50 @@ class EngineSettings(BaseModel):
     workers: int = Field(1, ge=1, le=64, description="worker threads in this process")
     max_message_bytes: int = Field(65_536, ge=256)
     max_attrs_bytes: int = Field(4_096, ge=0)
+    gc_threshold: int = Field(
+        50_000, ge=0,
+        description="Python's generation-0 GC threshold while the flow runs (0 = Python's "
+        "default of 700); long-lived state is frozen out of collections at start",
+    )
+    process_id: int | None = Field(
+        None, ge=0, description="multi-process cluster: this process's index in addresses"
+    )
+    addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="multi-process cluster: host:port of every process, the same list in the "
+        "same order on each (a list, or one string separated by ';'); empty = one process",
+    )
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v.lstrip().startswith("["):  # a JSON list, as other list settings take
+                return json.loads(v)
+            return [a.strip() for a in v.replace(",", ";").split(";") if a.strip()]
+        return v
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            host, sep, port = a.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"address {a!r} is not host:port")
+        if len(set(v)) != len(v):
+            raise ValueError("addresses are not all different")
+        return v
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> EngineSettings:
+        if self.addresses and self.process_id is None:
+            raise ValueError("addresses need process_id (this process's index in them)")
+        if self.process_id is not None and self.process_id >= len(self.addresses):
+            if not self.addresses:
+                raise ValueError("process_id needs addresses (every process's host:port)")
+            raise ValueError(f"process_id {self.process_id} is not an index of the "
+                             f"{len(self.addresses)} addresses")
+        return self
 
 
 class KafkaSettings(BaseModel):
@@ -97,6 +143,11 @@ class RedisSettings(BaseModel):
     model_config = _FROZEN
 
     url: SecretStr | None = None
+    cluster: bool = Field(
+        False,
+        description="use redis-py's cluster client (redis.cluster.RedisCluster): url names "
+        "any node of a Redis Cluster, the others are discovered",
+    )
     profile_cache_ttl_s: float = 5.0
     stream_maxlen: int = 1000
     stream_ttl_s: int = 7 * 24 * 3600
