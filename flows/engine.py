@@ -26,6 +26,7 @@ from bisect import insort
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from sys import intern
 from typing import Any, Final
 
 from flows.model import (
@@ -129,24 +130,26 @@ class _Session:
     __slots__ = ("done", "hall_id", "key", "last_ts", "module", "start_ts", "terminal_id")
 
     def __init__(self, terminal_id: str, hall_id: str, start_ts: int, key: str) -> None:
-        self.terminal_id = terminal_id
-        self.hall_id = hall_id
+        # Terminal, hall, module and step names repeat across customers: interned,
+        # millions of contexts share one copy of each.
+        self.terminal_id = intern(terminal_id)
+        self.hall_id = intern(hall_id)
         self.start_ts = start_ts
         self.last_ts = start_ts
         self.key = key
         self.module: str | None = None
-        self.done: set[str] = set()
+        self.done: set[str] | None = None  # once-per-session keys, made on first use
 
 
 class _Step:
     __slots__ = ("enter_ts", "fired", "key", "module", "step")
 
     def __init__(self, module: str, step: str, enter_ts: int, key: str) -> None:
-        self.module = module
-        self.step = step
+        self.module = intern(module)
+        self.step = intern(step)
         self.enter_ts = enter_ts
         self.key = key
-        self.fired: set[str] = set()
+        self.fired: set[str] | None = None  # dwell rules already fired, made on first use
 
 
 class Customer:
@@ -176,10 +179,10 @@ class Customer:
         st = self.step
         return [
             self.last_ts,
-            [s.terminal_id, s.hall_id, s.start_ts, s.last_ts, s.key, s.module, sorted(s.done)]
+            [s.terminal_id, s.hall_id, s.start_ts, s.last_ts, s.key, s.module, sorted(s.done or ())]
             if s
             else None,
-            [st.module, st.step, st.enter_ts, st.key, sorted(st.fired)] if st else None,
+            [st.module, st.step, st.enter_ts, st.key, sorted(st.fired or ())] if st else None,
             {k: v.tolist() for k, v in self.places.items()} if self.places else {},
             _pairs(self.calls) if self.calls else [],
             self.push_times or [],
@@ -197,11 +200,11 @@ class Customer:
             c.session = _Session(t, h, start, key)
             c.session.last_ts = last
             c.session.module = module
-            c.session.done = set(done)
+            c.session.done = set(done) or None
         if d[2] is not None:
             m, step, enter, key, fired = d[2]
             c.step = _Step(m, step, enter, key)
-            c.step.fired = set(fired)
+            c.step.fired = set(fired) or None
         c.places = {k: array("q", v) for k, v in d[3].items()} or None
         c.calls = array("q", [x for pair in d[4] for x in pair]) if d[4] else None
         c.push_times = list(d[5]) or None
@@ -397,7 +400,7 @@ class ShardEngine:
         s.last_ts = max(s.last_ts, ts)
         module = ev.module
         if module is not None:
-            s.module = module
+            s.module = intern(module)
 
         if action == "session_start":
             self._setup_first(c, ev, env, out)
@@ -504,7 +507,7 @@ class ShardEngine:
             places = c.places = {}
         times = places.get(poi)
         if times is None:
-            times = places[poi] = array("q")
+            times = places[intern(poi)] = array("q")
         if ts not in times:
             insort(times, ts)
         horizon = times[-1] - self._place_window[poi]
@@ -567,11 +570,13 @@ class ShardEngine:
         if c is None:
             return
         st = c.step
-        if st is None or st.key != visit_key or rule_id in st.fired:
+        if st is None or st.key != visit_key or (st.fired is not None and rule_id in st.fired):
             return
         rule = next((r for r in self._dwell_rules if r.id == rule_id), None)
         if rule is None:
             return
+        if st.fired is None:
+            st.fired = set()
         st.fired.add(rule_id)
         p = self.profiles.get(cid)
         s = self._session_open(c, deadline)
@@ -667,7 +672,7 @@ class ShardEngine:
                 return
         elif scope in ("session", "session_service") and s is not None:
             session_key = rule.id if scope == "session" else f"{rule.id}:{module}"
-            if session_key in s.done:
+            if s.done is not None and session_key in s.done:
                 counts["rule", rule.id, "blocked:once_per"] += 1
                 return
         # 2. opt-out
@@ -693,6 +698,8 @@ class ShardEngine:
                 c.once = {}
             c.once[once_key] = ts + rule.once_ms if scope == "period" else FOREVER
         elif scope in ("session", "session_service") and s is not None:
+            if s.done is None:
+                s.done = set()
             s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
         channel = f"terminal:{s.terminal_id}" if s is not None else f"customer:{cid}"
         hall = s.hall_id if s is not None else "-"
