@@ -35,6 +35,10 @@ class FrictionEngine:
         self.live = live
         self._keep = max((r.trigger.window for r in self.rules), default=0)
         self.windows: dict[tuple[str, str], deque[VisitDone]] = {}
+        # Running totals over each whole window (dwell sum, visits per customer), so a
+        # rule whose window is the longest one is judged without rescanning it.
+        self._dwell_sum: dict[tuple[str, str], int] = {}
+        self._who: dict[tuple[str, str], Counter[str]] = {}
         self.last_alert: dict[str, int] = {}
         self.progress: dict[int, int] = {}
         self.buffer: list[tuple[int, str, str, str, int, VisitDone]] = []
@@ -42,7 +46,9 @@ class FrictionEngine:
             self.last_alert = dict(state["last_alert"])
             self.progress = {int(k): v for k, v in state["progress"].items()}
             for v in state["visits"]:
-                self._window(v[0], v[1]).append(VisitDone(*v))
+                visit = VisitDone(*v)
+                self._window(v[0], v[1]).append(visit)
+                self._count(visit, 1)
             for v in state["buffer"]:
                 self._buffer(VisitDone(*v))
 
@@ -63,6 +69,16 @@ class FrictionEngine:
         if dq is None:
             dq = self.windows[module, step] = deque()
         return dq
+
+    def _count(self, v: VisitDone, sign: int) -> None:
+        key = (v.module, v.step)
+        self._dwell_sum[key] = self._dwell_sum.get(key, 0) + sign * v.dwell_ms
+        who = self._who.get(key)
+        if who is None:
+            who = self._who[key] = Counter()
+        who[v.customer_id] += sign
+        if who[v.customer_id] <= 0:
+            del who[v.customer_id]
 
     def _buffer(self, v: VisitDone) -> None:
         heapq.heappush(self.buffer,
@@ -98,13 +114,24 @@ class FrictionEngine:
         # Live, visits of different customers arrive out of order: keep the window
         # sorted and judge it at the latest leave time known for the step.
         insort(dq, v, key=_visit_order)
+        self._count(v, 1)
         t = dq[-1].leave_ts
         while dq and dq[0].leave_ts < t - self._keep:
-            dq.popleft()
+            self._count(dq.popleft(), -1)
+        key2 = (v.module, v.step)
         for rule in self.rules:
             tr = rule.trigger
             if tr.modules and v.module not in tr.modules:
                 continue
+            key = f"{rule.id}|{v.module}|{v.step}"
+            last = self.last_alert.get(key)
+            if last is not None and t - last < rule.once_ms:
+                continue  # alerted on this step lately
+            if tr.window >= self._keep:
+                # The whole window (every visit left by t): decide from the totals.
+                if (len(self._who[key2]) < tr.min_customers
+                        or self._dwell_sum[key2] < tr.mean_dwell * len(dq)):
+                    continue
             start = t - tr.window
             visits = [x for x in dq if start <= x.leave_ts <= t]
             longest: dict[str, VisitDone] = {}
@@ -118,10 +145,6 @@ class FrictionEngine:
             dwells = sorted(x.dwell_ms for x in visits)
             mean = sum(dwells) / len(dwells)
             if mean < tr.mean_dwell:
-                continue
-            key = f"{rule.id}|{v.module}|{v.step}"
-            last = self.last_alert.get(key)
-            if last is not None and t - last < rule.once_ms:
                 continue
             self.last_alert[key] = t
             p90 = dwells[max(0, -(-9 * len(dwells) // 10) - 1)]
