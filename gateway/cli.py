@@ -1,0 +1,79 @@
+"""``touchstream gateway token TERMINAL_ID`` and ``touchstream gateway serve``.
+
+:func:`add_commands` adds the group to the ``touchstream`` parser (``flows/cli.py``);
+the web stack is imported only when ``serve`` runs. Secrets come from the environment
+(``TOUCHSTREAM_GATEWAY_TOKEN_SECRET``) or the TOML file, never from a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gateway.settings import load_gateway_settings
+from gateway.tokens import TokenSigner, valid_terminal_id
+
+__all__ = ["add_commands", "cmd_serve", "cmd_token", "parse_ttl"]
+
+_TTL = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> int:
+    """``3600``, ``90s``, ``60m``, ``24h``, ``30d`` -> seconds."""
+    m = _TTL.match(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 12h, 30d)")
+    return int(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a token for one terminal on stdout (its expiry on stderr)."""
+    settings = load_gateway_settings(args.config)
+    if settings.token_secret is None:
+        print("touchstream gateway: TOUCHSTREAM_GATEWAY_TOKEN_SECRET (or token_secret in "
+              "--config) must be set", file=sys.stderr)
+        return 2
+    if not valid_terminal_id(args.terminal_id):
+        print("touchstream gateway: a terminal id is 1-64 of [A-Za-z0-9._-]", file=sys.stderr)
+        return 2
+    ttl = args.ttl or settings.token_ttl_s
+    now = datetime.now(UTC)
+    token = TokenSigner.from_settings(settings).issue(args.terminal_id, ttl, now=now)
+    expires = (now.replace(microsecond=0) + timedelta(seconds=ttl)).isoformat()
+    print(f"touchstream gateway: token for terminal {args.terminal_id}, key "
+          f"{settings.token_kid}, expires {expires}", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGINT/SIGTERM."""
+    from gateway.server import serve  # noqa: PLC0415 (the web stack only when serving)
+
+    settings = load_gateway_settings(args.config, host=args.host, port=args.port,
+                                     redis_url=args.redis)
+    return serve(settings)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``gateway token`` and ``gateway serve`` to a subcommand set."""
+    gw = sub.add_parser("gateway", help="push gateway for terminals (SSE / WebSocket)")
+    gsub = gw.add_subparsers(dest="gateway_command", required=True)
+
+    tok = gsub.add_parser("token", help="issue a token for one terminal (stdout)")
+    tok.add_argument("terminal_id", metavar="TERMINAL_ID")
+    tok.add_argument("--ttl", type=parse_ttl, metavar="DURATION",
+                     help="lifetime: seconds, or 90s / 60m / 24h / 30d (default: token_ttl_s)")
+    tok.add_argument("--config", type=Path, help="gateway TOML settings file")
+    tok.set_defaults(func=cmd_token)
+
+    srv = gsub.add_parser("serve", help="run the gateway")
+    srv.add_argument("--host", help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="listen port (default 8080)")
+    srv.add_argument("--redis", metavar="URL", help="redis://HOST:PORT/DB of the push streams")
+    srv.add_argument("--config", type=Path, help="gateway TOML settings file")
+    srv.set_defaults(func=cmd_serve)
