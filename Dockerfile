@@ -9,12 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Only what the package build needs (pyproject names README.md as the readme and
-# lists these three packages); tests, bench and the venv stay out of the image.
+# lists these packages); tests, bench and the venv stay out of the image. The same
+# image runs the push gateway: `touchstream gateway serve`.
 WORKDIR /tmp/build
 COPY pyproject.toml README.md ./
 COPY flows ./flows
 COPY connectors ./connectors
 COPY state ./state
+COPY gateway ./gateway
 RUN pip install . && cd / && rm -rf /tmp/build
 
 # Non-root runtime user. /var/lib/touchstream holds the recovery snapshots; it is
