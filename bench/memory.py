@@ -53,6 +53,7 @@ import tracemalloc
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,7 +80,6 @@ QUICK: tuple[int, ...] = (10_000,)
 FULL: tuple[int, ...] = (100_000, 1_000_000, 2_000_000)
 TARGET_BYTES = 1024
 TARGET = "≤ 1 KB per active customer"
-BUDGET_S = 240.0
 CHILD_TIMEOUT_S = 900.0
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -812,22 +812,17 @@ def run(ctx: BenchContext) -> PartResult:
     checkpoints = QUICK if ctx.quick else FULL
     planned = 1 if ctx.quick else max(1, ctx.runs)
     result = PartResult(PART)
-    docs: list[dict[str, Any]] = []
     started = time.monotonic()
-    runs = planned
-    for i in range(planned):
-        if i >= runs:
-            break
-        docs.append(run_child(ctx, checkpoints, i))
-        add_figures(result, docs[-1])
-        if i == 0 and planned > 1:
-            first = docs[0]["wall_s"]
-            fit = max(1, int(BUDGET_S // max(first, 1e-3)))
-            runs = min(planned, fit)
-            if runs < planned:
-                result.notes.append(
-                    f"{runs} run(s) of {planned} planned: one run takes {first:.0f} s, "
-                    f"and the part keeps to about {BUDGET_S:.0f} s")
+    # The runs go side by side, each in its own interpreter: resident memory is per
+    # process and does not depend on sharing the CPUs, and three sequential runs of
+    # 2M customers would not fit the suite's 15 minutes.
+    with ThreadPoolExecutor(max_workers=planned) as pool:
+        docs = list(pool.map(lambda i: run_child(ctx, checkpoints, i), range(planned)))
+    for doc in docs:
+        add_figures(result, doc)
+    if planned > 1:
+        result.notes.append(f"{planned} runs side by side, one interpreter each (seeds 1.."
+                            f"{planned}); wall time is not a figure of this part")
     total_s = time.monotonic() - started
     p = plot(ctx.results_path(PART, "-rss.png"), docs)
     if p:
