@@ -20,6 +20,7 @@ Nothing here logs secrets: configuration is logged only through :func:`mask_conf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -40,7 +41,9 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it untyped
+from prometheus_client import Gauge
 
+from flows.metrics import KAFKA_CONSUMER_LAG
 from flows.model import Format, RawRecord
 
 __all__ = [
@@ -125,6 +128,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         stop_after: int | None,
         eof_when_idle_s: float | None,
         metadata_timeout_s: float,
+        lag_interval_s: float = 5.0,
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -142,6 +146,10 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         self._last_activity: float | None = None
         self._done = False
         self._error: KafkaError | None = None
+        # consumer lag gauge: made at the first measurement, updated every lag_interval_s
+        self._lag_interval_s = lag_interval_s
+        self._lag_due = 0.0
+        self._lag: Gauge | None = None
         self._consumer = Consumer({**config, "error_cb": self._on_error})
         if start == OFFSET_END:
             # Resolve "the end" to a real offset now, so that a snapshot taken before
@@ -214,6 +222,8 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
                     self._done = True
                     break
         now = time.monotonic()
+        if now >= self._lag_due:
+            self._report_lag(now)
         if batch:
             self._last_activity = now
         elif (
@@ -224,6 +234,28 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             self._done = True
             raise StopIteration
         return batch
+
+    def _report_lag(self, now: float) -> None:
+        """Set the lag gauge from the consumer's cached high watermark (no round trip).
+
+        librdkafka updates the cached high watermark from every fetch response. On Tansu
+        it can be the last batch's base offset + 1, so the lag can read low; it is
+        clamped at 0.
+        """
+        if self._next < 0:
+            return
+        try:
+            _low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, self._partition), cached=True
+            )
+        except KafkaException:
+            return
+        if high is None or high < 0:
+            return  # not known before the first fetch
+        self._lag_due = now + self._lag_interval_s
+        if self._lag is None:
+            self._lag = KAFKA_CONSUMER_LAG.labels(self._topic, str(self._partition))
+        self._lag.set(max(0, high - self._next))
 
     def snapshot(self) -> int:
         """The next offset to read.
@@ -243,6 +275,10 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
 
     def close(self) -> None:
         """Close the consumer (no offsets are committed: the snapshot is the state)."""
+        if self._lag is not None:
+            with contextlib.suppress(KeyError):
+                KAFKA_CONSUMER_LAG.remove(self._topic, str(self._partition))
+            self._lag = None
         self._consumer.close()
 
 
@@ -279,6 +315,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         stop_after: int | None = None,
         eof_when_idle_s: float | None = None,
         metadata_timeout_s: float = 10.0,
+        lag_interval_s: float = 5.0,
     ) -> None:
         """Describe the input; nothing connects until Bytewax builds it.
 
@@ -299,6 +336,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         :arg eof_when_idle_s: end each partition after this long without a record.
         :arg metadata_timeout_s: timeout of the metadata calls (``list_parts()``,
             and resolving the end offset when tailing).
+        :arg lag_interval_s: how often (at most) each partition updates its
+            ``touchstream_kafka_consumer_lag`` gauge (from the cached high watermark).
         """
         if not topics:
             raise ValueError("KafkaInput needs at least one topic")
@@ -319,6 +358,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         self.stop_after = stop_after
         self.eof_when_idle_s = eof_when_idle_s
         self.metadata_timeout_s = metadata_timeout_s
+        self.lag_interval_s = lag_interval_s
 
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka consumer configuration each partition uses."""
@@ -378,6 +418,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             self.stop_after,
             self.eof_when_idle_s,
             self.metadata_timeout_s,
+            self.lag_interval_s,
         )
 
 

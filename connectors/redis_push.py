@@ -28,6 +28,7 @@ operation.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,12 @@ from typing import Any, TypeAlias
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from flows import metrics
 from flows.codec import DecodeError, json_dumps, json_loads
 from flows.model import Push
 from flows.settings import RedisSettings
 from state.guards import GuardRequest, GuardStore
-from state.redis_store import RedisClient, connect
+from state.redis_store import RedisClient, RedisGuardStore, connect
 
 __all__ = ["GuardSpec", "RedisPushConfig", "RedisPushOutput", "read_channel", "stream_key"]
 
@@ -47,6 +49,8 @@ GuardSpec: TypeAlias = GuardStore | Callable[[RedisClient], GuardStore] | None
 """A guard store, or a factory called in ``build()`` with that worker's client."""
 
 DEFAULT_PREFIX = "push:"
+
+_WRITE_RTT = metrics.REDIS_RTT.labels("push_write")
 
 
 def stream_key(channel: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -117,6 +121,9 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
         self._client = client
         self._guard = guard
         self._stats = stats
+        # only a shared Redis guard store is a round trip worth timing
+        self._guard_rtt = (metrics.REDIS_RTT.labels("push_guard")
+                           if isinstance(guard, RedisGuardStore) else None)
 
     def write_batch(self, items: list[Push]) -> None:
         if not items:
@@ -124,7 +131,11 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
         counts: Counter[str] = Counter()
         pushes: Sequence[Push] = items
         if self._guard is not None:
-            decisions = self._guard.admit([GuardRequest.for_push(p) for p in items])
+            requests = [GuardRequest.for_push(p) for p in items]
+            t0 = time.perf_counter()
+            decisions = self._guard.admit(requests)
+            if self._guard_rtt is not None:
+                self._guard_rtt.observe(time.perf_counter() - t0)
             pushes = [p for p, d in zip(items, decisions, strict=True) if d == "ok"]
             counts.update(d for d in decisions if d != "ok")
         if pushes:
@@ -144,9 +155,17 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
             if cfg.stream_ttl_s:
                 for key in streams:
                     pipe.expire(key, cfg.stream_ttl_s)
+            t0 = time.perf_counter()
             pipe.execute()
+            _WRITE_RTT.observe(time.perf_counter() - t0)
+            # event -> push latency: delivered (in Redis) now, triggered at event_ts
+            now_s = time.time()
+            for p in pushes:
+                metrics.observe_push_latency(p.rule_id, now_s - p.event_ts / 1000)
             counts["written"] += len(pushes)
         self._stats.add(counts)
+        for outcome, n in counts.items():
+            metrics.PUSH_SINK.labels(outcome).inc(n)
 
     def close(self) -> None:
         self._client.close()

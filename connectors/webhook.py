@@ -50,6 +50,7 @@ import httpx
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import SecretStr
 
+from flows import metrics
 from flows.codec import EncodeError, json_dumps, json_loads
 from flows.model import Alert, ms_to_rfc3339
 from flows.settings import WebhookTarget
@@ -597,6 +598,7 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
             last = self._attempt(target, alert.id, body, content_type)
             if last.ok:
                 sink._count(target.url, "sent")
+                metrics.WEBHOOK_SENT.labels(str(target.index)).inc()
                 return
             if not last.retryable:
                 reason = "rejected"
@@ -619,6 +621,7 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
                 delay,
             )
             sink._count(target.url, "retried")
+            metrics.WEBHOOK_RETRIES.labels(str(target.index)).inc()
             self._sleep(delay)
         status = last.status if last is not None else None
         error = last.error if last is not None else None
@@ -675,6 +678,7 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
         attempts: int,
         error: str | None,
     ) -> None:
+        metrics.WEBHOOK_FAILURES.labels(str(target.index), reason).inc()
         try:
             self._sink.on_dead_letter(
                 alert, target.url, reason, status, attempts=attempts, error=error

@@ -17,6 +17,7 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, Sink
 
+from flows import metrics
 from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, shard_key
 from flows.codec import pack, unpack
 from flows.engine import EngineConfig, Progress, ShardEngine, StatDelta, Tick, VisitDone
@@ -183,11 +184,17 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
         self.next_emit = now_ms() + every_ms
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[dict[str, Any]], bool]:
+        # Prometheus counters move here, per delta / per batch: never per event.
+        reasons: dict[str, int] = {}
         for v in values:
             if type(v) is StatDelta:
                 self.engine.add(v)
+                metrics.count_stat_delta(v.counts)
             else:
                 self.engine.dead_letter(v)
+                reasons[v] = reasons.get(v, 0) + 1
+        if reasons:
+            metrics.count_dead_letters(reasons)
         return (), RETAIN
 
     def on_notify(self) -> tuple[Iterable[dict[str, Any]], bool]:

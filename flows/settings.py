@@ -68,6 +68,12 @@ class EngineSettings(BaseModel):
     process_id: int | None = Field(
         None, ge=0, description="multi-process cluster: this process's index in addresses"
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="live: serve Prometheus /metrics on this port (0 = a free port, logged; "
+        "in a multi-process cluster each process listens on metrics_port + process_id); "
+        "None = no metrics server",
+    )
     addresses: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="multi-process cluster: host:port of every process, the same list in the "

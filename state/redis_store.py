@@ -71,6 +71,7 @@ from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
 from flows.codec import json_dumps, json_loads, unpack
+from flows.metrics import REDIS_RTT
 from flows.model import Profile, profile_from_dict
 from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
@@ -153,6 +154,9 @@ def decode_profile(customer_id: str, raw: Mapping[bytes | str, bytes | str]) -> 
 _REPLACE_HASH_LUA: Final = (
     "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
 )
+
+
+_PROFILE_RTT = REDIS_RTT.labels("profile_get")
 
 
 class RedisProfileStore:
@@ -248,7 +252,10 @@ class RedisProfileStore:
             pipe = self._client.pipeline(transaction=False)
             for cid in missing:
                 pipe.hgetall(self.key(cid))
-            for cid, raw in zip(missing, pipe.execute(), strict=True):
+            t0 = time.perf_counter()
+            replies = pipe.execute()
+            _PROFILE_RTT.observe(time.perf_counter() - t0)
+            for cid, raw in zip(missing, replies, strict=True):
                 profile = self._decode(cid, raw)
                 self._remember(profile, now)
                 out[cid] = profile

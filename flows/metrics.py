@@ -1,0 +1,223 @@
+"""The engine's Prometheus metrics: every metric object, defined once (default registry).
+
+Nothing here runs per event. Event, dead-letter, push, blocked-push and alert counters
+are derived from what the stats step already aggregates (:class:`flows.engine.StatDelta`
+per shard and per stats interval, dead-letter reasons per batch): see
+:func:`count_stat_delta` and :func:`count_dead_letters`, called by the stats shim in
+``flows/experience.py``. So they move when a shard hands over its delta (every
+``engine.stats_interval_s`` live, at end of input in a replay), not on each event, and
+in a cluster only the process whose worker owns the stats key reports them (sum over
+processes in PromQL).
+
+Label values are bounded: event types, dead-letter reasons, rule ids, guard names,
+alert types, webhook target indexes, Redis operation names, Kafka topic/partition.
+Never customer, terminal or hall ids.
+
+:func:`start_metrics_server` serves ``/metrics`` over HTTP (``engine.metrics_port``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "ALERTS",
+    "CONVERSIONS",
+    "DEAD_LETTERS",
+    "EVENTS",
+    "KAFKA_CONSUMER_LAG",
+    "LATENCY_BUCKETS_S",
+    "PUSHES",
+    "PUSHES_BLOCKED",
+    "PUSH_LATENCY",
+    "PUSH_SINK",
+    "REDIS_RTT",
+    "WEBHOOK_FAILURES",
+    "WEBHOOK_RETRIES",
+    "WEBHOOK_SENT",
+    "MetricsServer",
+    "count_dead_letters",
+    "count_stat_delta",
+    "observe_push_latency",
+    "start_metrics_server",
+]
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+"""Event → push latency buckets (seconds): 250 ms is a bucket edge, for the p99 alert."""
+
+RTT_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                        1.0, 2.5)
+
+# --- from the stats step (per StatDelta / per batch of dead letters) ------------------
+
+EVENTS = Counter(
+    "touchstream_events", "Events applied by the engine, by type (counted per stats delta)",
+    ["type"],
+)
+DEAD_LETTERS = Counter(
+    "touchstream_dead_letters", "Input records dead-lettered, by reason", ["reason"],
+)
+PUSHES = Counter(
+    "touchstream_pushes", "Pushes emitted by the engine, by rule", ["rule"],
+)
+PUSHES_BLOCKED = Counter(
+    "touchstream_pushes_blocked",
+    "Pushes a rule triggered but a guard of the engine blocked, by rule and guard "
+    "(once_per, opt_out, cap)",
+    ["rule", "guard"],
+)
+ALERTS = Counter(
+    "touchstream_alerts", "Alerts emitted by the engine, by alert type", ["type"],
+)
+CONVERSIONS = Counter(
+    "touchstream_conversions", "Pushes converted (an order of the pushed module within the "
+    "conversion window), by rule", ["rule"],
+)
+
+# --- delivery ------------------------------------------------------------------------
+
+PUSH_LATENCY = Histogram(
+    "touchstream_push_latency_seconds",
+    "Event -> push latency per rule: wall clock when the Redis push sink's pipeline has "
+    "executed minus the push's event_ts (the triggering event's time, i.e. the producer's "
+    "clock, so it includes producer-to-engine clock skew; for a dwell timer, its due "
+    "time). Negative values (producer clock ahead) count as 0",
+    ["rule"],
+    buckets=LATENCY_BUCKETS_S,
+)
+PUSH_SINK = Counter(
+    "touchstream_push_sink_pushes",
+    "Pushes reaching the Redis push sink, by outcome: written, or the shared guard "
+    "store's decision (duplicate, cap, once) when it refused them",
+    ["outcome"],
+)
+REDIS_RTT = Histogram(
+    "touchstream_redis_rtt_seconds",
+    "Redis round trips, by operation: push_write (the push sink's pipeline), push_guard "
+    "(the shared guard store's admit), profile_get (profile prefetch pipeline)",
+    ["op"],
+    buckets=RTT_BUCKETS_S,
+)
+WEBHOOK_SENT = Counter(
+    "touchstream_webhook_sent",
+    "Alerts delivered to a webhook target (a 2xx answer), by target (its index in the "
+    "configured webhooks; the webhook_url shorthand comes last)",
+    ["target"],
+)
+WEBHOOK_RETRIES = Counter(
+    "touchstream_webhook_retries", "Webhook retry attempts, by target", ["target"],
+)
+WEBHOOK_FAILURES = Counter(
+    "touchstream_webhook_failures",
+    "Alerts a webhook target did not get (sent to the dead-letter path), by target and "
+    "reason (queue_full, rejected, retries_exhausted, retry_budget_exhausted, shutdown, "
+    "encode_error, error)",
+    ["target", "reason"],
+)
+KAFKA_CONSUMER_LAG = Gauge(
+    "touchstream_kafka_consumer_lag",
+    "Messages not yet read, per input partition: the consumer's cached high watermark "
+    "minus the next offset to read, updated at most every few seconds, clamped at 0. "
+    "On Tansu the high watermark can be the last batch's base offset + 1, so the lag "
+    "can read low (by up to that batch's size)",
+    ["topic", "partition"],
+)
+
+
+def count_stat_delta(counts: Mapping[tuple[str, ...], int]) -> None:
+    """Move the event, push, blocked, alert and conversion counters by one stats delta.
+
+    Called by the stats step for each :class:`flows.engine.StatDelta`: a few dozen keys,
+    once per shard per stats interval. Which counter (if any) a stats key moves is
+    looked up once per key and cached (the stats step keeps every key anyway).
+    """
+    children = _children
+    for key, n in counts.items():
+        child = children.get(key, _UNSEEN)
+        if child is _UNSEEN:
+            child = children[key] = _child_for(key)
+        if child is not None and n > 0:
+            child.inc(n)
+
+
+_UNSEEN: Final = object()
+_children: dict[tuple[str, ...], Any] = {}
+
+
+def _child_for(key: tuple[str, ...]) -> Counter | None:
+    kind = key[0]
+    if kind == "events" and len(key) == 2:
+        return EVENTS.labels(key[1])
+    if kind == "alerts" and len(key) == 2:
+        return ALERTS.labels(key[1])
+    if kind == "rule" and len(key) == 3:
+        what = key[2]
+        if what == "pushes":
+            return PUSHES.labels(key[1])
+        if what.startswith("blocked:"):
+            return PUSHES_BLOCKED.labels(key[1], what[8:])
+        if what == "conversions":
+            return CONVERSIONS.labels(key[1])
+    return None
+
+
+def count_dead_letters(reasons: Mapping[str, int]) -> None:
+    """Move the dead-letter counter by one batch's reasons."""
+    for reason, n in reasons.items():
+        DEAD_LETTERS.labels(reason).inc(n)
+
+
+_latency_by_rule: dict[str, Histogram] = {}
+
+
+def observe_push_latency(rule_id: str, latency_s: float) -> None:
+    """Record one delivered push's event → push latency (clamped at 0)."""
+    h = _latency_by_rule.get(rule_id)
+    if h is None:
+        h = _latency_by_rule[rule_id] = PUSH_LATENCY.labels(rule_id)
+    h.observe(latency_s if latency_s > 0 else 0.0)
+
+
+# --- exposure ------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsServer:
+    """The ``/metrics`` HTTP server of this process (a daemon thread)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the real one when asked for 0)."""
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def metrics_port_for(port: int, process_id: int | None) -> int:
+    """This process's port: ``port + process_id`` in a cluster, 0 stays 0 (a free port)."""
+    return port + (process_id or 0) if port else 0
+
+
+def start_metrics_server(port: int, process_id: int | None = None,
+                         addr: str = "0.0.0.0") -> MetricsServer:  # noqa: S104
+    """Serve the default registry on ``port`` (+ ``process_id``; 0 = a free port, logged)."""
+    httpd, thread = start_http_server(metrics_port_for(port, process_id), addr)
+    server = MetricsServer(httpd, thread)
+    log.info("metrics on http://%s:%d/metrics", addr, server.port)
+    return server
