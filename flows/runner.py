@@ -27,6 +27,7 @@ from connectors.files import (
 )
 from connectors.kafka import KafkaInput, KafkaMessage, KafkaOutput
 from connectors.mapped import MappedSink
+from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput, write_rules
 from connectors.redis_push import RedisPushConfig, RedisPushOutput
 from connectors.webhook import (
     DeadLetterHandler,
@@ -36,6 +37,7 @@ from connectors.webhook import (
 )
 from flows.codec import json_dumps
 from flows.experience import Outputs, build_flow
+from flows.metrics import MetricsServer, start_metrics_server
 from flows.model import Alert, DeadLetter, Push, RawRecord
 from flows.rules import RuleSet, load_default_rules, load_rules
 from flows.settings import Settings
@@ -228,6 +230,11 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         outputs.pushes.append(
             RedisPushOutput(RedisPushConfig.from_settings(settings.redis), guard=RedisGuardStore)
         )
+        # the ops feed for the gateway's /ops console (connectors/ops_feed.py)
+        ops_feed = OpsFeedOutput(OpsFeedConfig.from_settings(settings.redis))
+        for out_list in (outputs.pushes, outputs.alerts, outputs.stats):
+            out_list.append(ops_feed)
+        write_rules(redis_client, rules)
     else:
         profiles = InMemoryProfileStore(
             read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
@@ -268,13 +275,18 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles)
     es = settings.engine
     tune_gc(es.gc_threshold)
+    metrics_server: MetricsServer | None = None
     try:
         if es.addresses and not k.brokers:
             # Demo traffic is one generator in one process, and the demo profiles it loads
             # live in that process's memory: shards on other processes would see none.
             raise ValueError("a multi-process cluster (engine.addresses) needs Kafka input")
+        if es.metrics_port is not None:
+            metrics_server = start_metrics_server(es.metrics_port, es.process_id)
         run_dataflow(flow, es.workers, es.epoch_interval_s, addresses=es.addresses,
                      process_id=es.process_id)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         if redis_client is not None:
             redis_client.close()

@@ -14,6 +14,7 @@ Routes:
 * ``GET /terminal/{terminal_id}`` -- the reference kiosk page (``static/``);
 * ``GET /healthz`` (the process is up) and ``GET /readyz`` (Redis answers PING: 200,
   else 503).
+* ``GET /metrics`` -- Prometheus metrics (:mod:`gateway.metrics`).
 
 Authentication: ``Authorization: Bearer <token>`` or ``?token=<token>`` (browsers cannot
 set headers on ``EventSource``/``WebSocket``). No or a bad token: 401; a valid token for
@@ -58,6 +59,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import logsafe
 from gateway.hub import Hub, Subscription
+from gateway.metrics import gateway_registry, metrics_endpoint
+from gateway.ops import ops_routes
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenClaims, TokenError, TokenSigner, valid_terminal_id
 
@@ -68,7 +71,7 @@ access_log = logging.getLogger("touchstream.gateway.access")
 
 _ENTRY_ID = re.compile(r"^(?:\d{1,20}-\d{1,20}|0|\$)$")
 SSE_RETRY_MS = 2000
-_PROBES = frozenset({"/healthz", "/readyz"})
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
@@ -376,6 +379,7 @@ class PushStream(Response):
             ]})
             await send({"type": "http.response.body", "more_body": True,
                         "body": b"retry: %d\n: connected\n\n" % SSE_RETRY_MS})
+            gw.stats["opened_sse"] += 1
             reason = await gw.run_stream(sub, _SSESink(send), self.claims.expires_at)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -460,6 +464,7 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, terminal_id: str, claims: TokenC
     try:
         await ws.accept()
         watcher = asyncio.create_task(_watch(ws.receive, sub, "websocket.disconnect"))
+        gw.stats["opened_websocket"] += 1
         reason = await gw.run_stream(sub, _WSSink(ws), claims.expires_at)
     except asyncio.CancelledError:
         task = asyncio.current_task()
@@ -571,9 +576,11 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/terminals/{terminal_id}/pushes", pushes_sse, methods=["GET"]),
         WebSocketRoute("/v1/terminals/{terminal_id}/pushes", pushes_ws),
         Route("/terminal/{terminal_id}", terminal_page, methods=["GET"]),
+        *ops_routes(),  # /ops console (gateway/ops.py)
         Mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static"),
     ]
     middleware = [Middleware(AccessLog)]
@@ -583,5 +590,6 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
             allow_headers=["Authorization", "Last-Event-ID"], max_age=600))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gw
+    app.state.metrics = gateway_registry(gw)
     app.state.page = _page()
     return app

@@ -3,7 +3,8 @@
 Sources, highest priority first: command-line flags (init values), the environment
 (``TOUCHSTREAM_GATEWAY_`` prefix, e.g. ``TOUCHSTREAM_GATEWAY_TOKEN_SECRET``), a TOML
 file of top-level keys (``--config``), then the defaults below. Secrets
-(``token_secret``, ``previous_token_secrets``, a password in ``redis_url``) are
+(``token_secret``, ``previous_token_secrets``, ``ops_token``, ``ops_password``, a
+password in ``redis_url``) are
 :class:`~pydantic.SecretStr`: they never show in a ``repr`` or a log line. The token
 secret comes from the environment or the TOML file, never from a flag.
 """
@@ -14,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +27,8 @@ __all__ = ["MIN_SECRET_CHARS", "GatewaySettings", "load_gateway_settings"]
 
 MIN_SECRET_CHARS = 32
 """A token secret shorter than this is refused (HMAC-SHA256 wants >= 256 bits)."""
+MIN_OPS_SECRET_CHARS = 12
+"""An ops console token or password shorter than this is refused."""
 
 _KID = re.compile(r"^[A-Za-z0-9._-]{1,16}$")
 
@@ -107,6 +110,13 @@ class GatewaySettings(BaseSettings):
         description="origins whose pages may open push streams (for a kiosk page served "
         "elsewhere; the gateway's own /terminal page needs none)",
     )
+    ops_token: SecretStr | None = Field(
+        None, description="bearer token (or ?token=) of the /ops console; env or TOML only"
+    )
+    ops_user: str | None = Field(None, description="basic-auth user of the /ops console")
+    ops_password: SecretStr | None = Field(
+        None, description="basic-auth password of the /ops console; env or TOML only"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("token_secret")
@@ -126,6 +136,19 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"secret of key id {kid!r} is shorter than "
                                  f"{MIN_SECRET_CHARS} characters")
         return v
+
+    @field_validator("ops_token", "ops_password")
+    @classmethod
+    def _ops_secret_ok(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_OPS_SECRET_CHARS:
+            raise ValueError(f"must have at least {MIN_OPS_SECRET_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _ops_basic_pair(self) -> GatewaySettings:
+        if (self.ops_user is None) != (self.ops_password is None):
+            raise ValueError("ops_user and ops_password go together")
+        return self
 
     @field_validator("token_kid")
     @classmethod

@@ -1,0 +1,190 @@
+"""The operations feed in Redis: what the gateway's ``/ops`` console reads.
+
+One Bytewax sink, :class:`OpsFeedOutput`, goes on the pushes, alerts and stats outputs
+(it tells the three apart by type) and writes, in one pipeline per batch:
+
+* a stats document: ``SET ops:stats <JSON>`` (the latest) and
+  ``XADD ops:stats:history MAXLEN ~ 720 * at <wall ms> data <JSON>`` (an hour at the
+  default 5 s interval); dead letters by reason are in it (``dead_letters``);
+* an alert: ``XADD ops:alerts MAXLEN ~ 1000 * data <CloudEvents JSON>``;
+* a push: ``XADD ops:pushes MAXLEN ~ 10000 * data <summary JSON>``, the summary
+  without personal data (:func:`push_summary`: rule, version, module, kind, channel
+  kind, hall when the push knows it, event time, when this sink saw it and the
+  difference, the event-to-push latency);
+* after each batch: ``PUBLISH ops:events <pushes|alerts|stats>``, a wake-up for
+  consoles (they read the streams, never the message).
+
+:func:`write_rules` puts the active rule set (id, version, per rule its trigger kind
+and parameters, push, alert, once-per) in ``ops:rules`` when the engine starts.
+
+Every command names one key, so the pipeline also works on a Redis Cluster client.
+The alert documents keep the customer ids they carry (operations may need them); the
+console masks them before they reach a browser.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from flows.codec import json_dumps
+from flows.model import Alert, Push
+from flows.rules import RuleSet
+from flows.settings import RedisSettings
+from state.redis_store import RedisClient, connect
+
+__all__ = ["OpsFeedConfig", "OpsFeedOutput", "push_summary", "rules_summary", "write_rules"]
+
+DEFAULT_PREFIX = "ops:"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class OpsFeedConfig:
+    """Where the ops feed goes and how long its streams are (``MAXLEN ~``)."""
+
+    url: str = field(repr=False)  # may hold a password
+    prefix: str = DEFAULT_PREFIX
+    stats_history_maxlen: int = 720
+    alerts_maxlen: int = 1000
+    pushes_maxlen: int = 10_000
+    publish: bool = True
+    cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.stats_history_maxlen, self.alerts_maxlen, self.pushes_maxlen) < 1:
+            raise ValueError("stream lengths must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: RedisSettings, **overrides: Any) -> OpsFeedConfig:
+        """The config from the ``redis`` settings section (which must have a url)."""
+        if settings.url is None:
+            raise ValueError("redis.url is not set")
+        kwargs: dict[str, Any] = {"url": settings.url.get_secret_value(),
+                                  "cluster": settings.cluster}
+        return cls(**(kwargs | overrides))
+
+    def key(self, name: str) -> str:
+        """``ops:<name>`` with this prefix."""
+        return self.prefix + name
+
+
+def push_summary(p: Push, now_ms: int) -> dict[str, Any]:
+    """What the feed keeps of a push: no customer id, no terminal id, no evidence."""
+    hall = p.reason.get("hall_id")
+    return {
+        "rule_id": p.rule_id,
+        "rule_version": p.rule_version,
+        "module": p.content.get("module"),
+        "kind": p.content.get("kind"),
+        "channel_kind": p.channel.partition(":")[0],
+        "hall": hall if isinstance(hall, str) else None,
+        "event_ts": p.event_ts,
+        "delivered_at": now_ms,
+        "latency_ms": now_ms - p.event_ts,
+    }
+
+
+def _duration(ms: int) -> str:
+    """``86400000`` -> ``24h``, ``604800000`` -> ``7d`` (days from two days on)."""
+    for unit, n in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= n * (2 if unit == "d" else 1) and ms % n == 0:
+            return f"{ms // n}{unit}"
+    return f"{ms}ms"
+
+
+def rules_summary(rules: RuleSet, now_ms: int | None = None) -> dict[str, Any]:
+    """The ``ops:rules`` document of a rule set."""
+    out: list[dict[str, Any]] = []
+    for r in rules.rules:
+        trigger = r.trigger.model_dump() if hasattr(r.trigger, "model_dump") else {}
+        out.append({
+            "id": r.id,
+            "version": r.version,
+            "trigger": trigger,
+            "push": None if r.push is None else {"kind": r.push.kind, "module": r.push.module},
+            "alert": None if r.alert is None else r.alert.type,
+            "once_per": r.once_scope if r.once_scope != "period" else _duration(r.once_ms),
+            "description": r.description,
+        })
+    g = rules.guards
+    return {
+        "version": rules.version,
+        "source": rules.source,
+        "loaded_at": _now_ms() if now_ms is None else now_ms,
+        "guards": {"max_pushes_per_customer": g.max_pushes_per_customer,
+                   "cap_window_s": g.cap_window_ms // 1000,
+                   "respect_opt_out": g.respect_opt_out},
+        "rules": out,
+    }
+
+
+def write_rules(client: RedisClient, rules: RuleSet, prefix: str = DEFAULT_PREFIX,
+                *, publish: bool = True) -> None:
+    """Write the active rule set to ``ops:rules`` (and announce it on ``ops:events``)."""
+    client.set(prefix + "rules", json_dumps(rules_summary(rules)))
+    if publish:
+        client.publish(prefix + "events", b"rules")
+
+
+class _OpsFeedPartition(StatelessSinkPartition[Any]):
+    def __init__(self, config: OpsFeedConfig, client: RedisClient,
+                 now_ms: Callable[[], int]) -> None:
+        self._cfg = config
+        self._client = client
+        self._now = now_ms
+
+    def write_batch(self, items: list[Any]) -> None:
+        if not items:
+            return
+        cfg = self._cfg
+        now = self._now()
+        pipe = self._client.pipeline(transaction=False)
+        kinds: dict[str, None] = {}
+        for item in items:
+            if isinstance(item, Push):
+                pipe.xadd(cfg.key("pushes"), {"data": json_dumps(push_summary(item, now))},
+                          maxlen=cfg.pushes_maxlen, approximate=True)
+                kinds["pushes"] = None
+            elif isinstance(item, Alert):
+                pipe.xadd(cfg.key("alerts"), {"data": json_dumps(item.to_cloudevent())},
+                          maxlen=cfg.alerts_maxlen, approximate=True)
+                kinds["alerts"] = None
+            elif isinstance(item, dict):
+                data = json_dumps(item)
+                pipe.set(cfg.key("stats"), data)
+                pipe.xadd(cfg.key("stats:history"), {"at": str(now), "data": data},
+                          maxlen=cfg.stats_history_maxlen, approximate=True)
+                kinds["stats"] = None
+        if not kinds:
+            return
+        if cfg.publish:  # not pipe.publish: redis-py blocks it in cluster pipelines
+            for kind in kinds:
+                pipe.execute_command("PUBLISH", cfg.key("events"), kind)
+        pipe.execute()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class OpsFeedOutput(DynamicSink[Any]):
+    """Write pushes (summaries), alerts and stats documents to the ops feed.
+
+    The same instance may go on the pushes, alerts and stats outputs; every worker
+    makes its own client in :meth:`build`. Items of any other type are ignored.
+    """
+
+    def __init__(self, config: OpsFeedConfig, now_ms: Callable[[], int] | None = None) -> None:
+        self.config = config
+        self._now = now_ms or _now_ms
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OpsFeedPartition:
+        client = connect(self.config.url, cluster=self.config.cluster)
+        return _OpsFeedPartition(self.config, client, self._now)
