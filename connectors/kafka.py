@@ -168,7 +168,10 @@ class _SharedConsumer:
         """Up to ``max_n`` messages of one partition, fetching for all if it has none."""
         q = self.queues[topic, partition]
         if not q and self._buffered < self.max_buffered:
-            for m in self.consumer.consume(self.fetch_batch, timeout_s):
+            # Bytewax asks each partition in turn: split the wait among them, so that a
+            # round over all of them waits ``timeout_s`` at most, not once per partition.
+            wait = timeout_s / len(self.queues)
+            for m in self.consumer.consume(self.fetch_batch, wait):
                 dq = self.queues.get((m.topic(), m.partition()))
                 if dq is None:
                     if m.error() is None:
