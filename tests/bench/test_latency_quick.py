@@ -1,0 +1,59 @@
+"""The latency part in quick mode: the suite works end to end (nothing about speed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hdrh.histogram import HdrHistogram
+
+from bench import latency
+from bench.core import BenchContext
+
+pytestmark = pytest.mark.integration
+
+
+def test_latency_quick(tansu: str, redis_server: str, tmp_path: Path) -> None:
+    ctx = BenchContext(
+        brokers=tansu,
+        redis_url=redis_server,
+        quick=True,
+        runs=1,
+        results_dir=tmp_path / "results",
+        work_dir=tmp_path / "work",
+        date="2000-01-01",
+    )
+    result = latency.run(ctx)
+
+    (run,) = result.extra["runs"]
+    (phase,) = latency.QUICK.phases
+    assert run["phase"] == phase.name
+    assert run["sent"] == round(phase.rate * phase.duration_s)
+    # Pushes were seen, on terminal streams and on customer streams, and the readers
+    # watch every stream pushes go to (with the 2 s dwell, a help-sprite of an ordinary
+    # session may fire after the readers stopped: a few may be missing).
+    assert run["latency"]["count"] > 0
+    assert run["seen"].get("terminal", 0) > 0
+    assert run["seen"].get("customer", 0) > 0
+    assert 0 <= run["pushes_in_redis"] - sum(run["seen"].values()) <= 5
+    # Every stuck customer got its help-sprite.
+    assert run["stuck"] == phase.stuck
+    assert run["lateness"]["count"] == phase.stuck
+
+    (encoded,) = result.extra["histograms_us"][phase.name]
+    assert HdrHistogram.decode(encoded).get_total_count() == run["latency"]["count"]
+
+    doc = json.loads(json.dumps(result.to_json()))
+    figures = {f["name"]: f for f in doc["figures"]}
+    label = latency._label(phase.name)
+    for pname in ("p50", "p99", "p99.9", "max"):
+        values = figures[f"push latency {pname} @ {label}"]["values"]
+        assert len(values) == 1 and values[0] > 0
+    assert figures[f"help-sprite lateness p99 @ {label}"]["target"] == latency.LATENESS_TARGET
+    assert figures["help-sprite pushes seen / expected"]["values"] == [100.0]
+
+    assert result.plots == [ctx.results_path("latency", "-cdf.png"),
+                            ctx.results_path("latency", "-timers-cdf.png")]
+    for plot in result.plots:
+        assert plot.is_file() and plot.stat().st_size > 0
