@@ -232,6 +232,10 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         # The idle clock starts at the first answer (a record or end-of-partition),
         # not at build: connecting and the first fetch can take a while.
         self._last_activity: float | None = None
+        # True from an end-of-partition event until the next record: only a partition
+        # that is really at its end can end by idleness (a partition whose records wait
+        # behind other partitions' in the shared consumer is not idle).
+        self._at_end = False
         self._done = False
         # consumer lag gauge: made at the first measurement, updated every lag_interval_s
         self._lag_interval_s = lag_interval_s
@@ -275,6 +279,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             if err is not None:
                 code = err.code()
                 if code == KafkaError._PARTITION_EOF:
+                    self._at_end = True
                     if self._last_activity is None:
                         self._last_activity = time.monotonic()
                     continue
@@ -299,6 +304,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
                 )
             )
             self._next = offset + 1
+            self._at_end = False
             if self._left is not None:
                 self._left -= 1
                 if self._left <= 0:
@@ -311,6 +317,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             self._last_activity = now
         elif (
             self._eof_when_idle_s is not None
+            and self._at_end
             and self._last_activity is not None
             and now - self._last_activity >= self._eof_when_idle_s
         ):
