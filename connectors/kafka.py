@@ -5,10 +5,9 @@ that does the I/O. Clients (consumers, producers) are made in ``build_part()`` /
 ``build()``, never in ``__init__``, so a connector object is cheap, picklable and
 safe to construct on any worker.
 
-* :class:`KafkaInput` reads each topic partition as one Bytewax partition; the
-  partitions a worker reads share one ``assign()``-ed consumer (no consumer-group
-  join: fast to start, and Bytewax recovery owns the offsets; one fetch request per
-  broker for all of them). A partition's resume state is the next offset to read.
+* :class:`KafkaInput` reads each topic partition with its own ``assign()``-ed
+  consumer (no consumer-group join: fast to start, and Bytewax recovery owns the
+  offsets). Its resume state is the next offset to read.
 * :class:`KafkaOutput` produces with an idempotent producer, registers a delivery
   callback on every message and fails the flow with :class:`KafkaDeliveryError`
   when a message could not be delivered (so recovery replays instead of losing it).
@@ -23,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -116,93 +113,8 @@ class KafkaConsumeError(RuntimeError):
     """The consumer reported an error that is neither end-of-partition nor transient."""
 
 
-class _SharedConsumer:
-    """One librdkafka consumer for every partition a worker reads.
-
-    One consumer per partition would send one fetch request per partition, and with a
-    small ``fetch.wait.max.ms`` that is hundreds of requests a second each; one
-    consumer asks for all of the worker's partitions in one request per broker. Its
-    messages are sorted into a queue per partition; a partition that finds its queue
-    empty fetches for all (at most ``max_buffered`` messages wait in the queues).
-
-    Bytewax builds a worker's partitions and calls them on that worker's thread, so a
-    consumer is shared by the partitions of one thread and one configuration
-    (:meth:`acquire`), and closed when the last of them closes.
-    """
-
-    _registry: ClassVar[dict[tuple[int, str], _SharedConsumer]] = {}
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, key: tuple[int, str], config: dict[str, Any], fetch_batch: int) -> None:
-        self._key = key
-        self.error: KafkaError | None = None
-        self.consumer = Consumer({**config, "error_cb": self._on_error})
-        self.queues: dict[tuple[str, int], deque[Message]] = {}
-        self.fetch_batch = fetch_batch
-        self.max_buffered = 4 * fetch_batch
-        self._buffered = 0
-
-    @classmethod
-    def acquire(cls, config: dict[str, Any], fetch_batch: int) -> _SharedConsumer:
-        """This thread's consumer for ``config`` (made on first use)."""
-        key = (threading.get_ident(), repr(sorted(config.items())))
-        with cls._lock:
-            shared = cls._registry.get(key)
-            if shared is None:
-                shared = cls._registry[key] = cls(key, config, fetch_batch)
-            return shared
-
-    def _on_error(self, err: KafkaError) -> None:
-        # Called from consume() on the owning thread.
-        if err.fatal() or err.code() in _PARTITION_GONE_ERRORS:
-            self.error = self.error or err
-        else:
-            log.warning("kafka input: %s", err)
-
-    def add(self, tp: TopicPartition) -> None:
-        """Start reading a partition (at ``tp.offset``)."""
-        self.queues[tp.topic, tp.partition] = deque()
-        self.consumer.incremental_assign([tp])
-
-    def take(self, topic: str, partition: int, max_n: int, timeout_s: float) -> list[Message]:
-        """Up to ``max_n`` messages of one partition, fetching for all if it has none."""
-        q = self.queues[topic, partition]
-        if not q and self._buffered < self.max_buffered:
-            # Bytewax asks each partition in turn: split the wait among them, so that a
-            # round over all of them waits ``timeout_s`` at most, not once per partition.
-            wait = timeout_s / len(self.queues)
-            for m in self.consumer.consume(self.fetch_batch, wait):
-                dq = self.queues.get((m.topic(), m.partition()))
-                if dq is None:
-                    if m.error() is None:
-                        continue  # a partition closed meanwhile
-                    for other in self.queues.values():  # an error without a partition
-                        other.append(m)
-                        self._buffered += 1
-                    continue
-                dq.append(m)
-                self._buffered += 1
-        n = min(len(q), max_n)
-        self._buffered -= n
-        return [q.popleft() for _ in range(n)]
-
-    def remove(self, topic: str, partition: int) -> None:
-        """Stop reading a partition; close the consumer after the last one."""
-        q = self.queues.pop((topic, partition), None)
-        if q is not None:
-            self._buffered -= len(q)
-        if self.queues:
-            with contextlib.suppress(KafkaException):
-                self.consumer.incremental_unassign([TopicPartition(topic, partition)])
-            return
-        with self._lock:
-            if self._registry.get(self._key) is self:
-                del self._registry[self._key]
-        self.consumer.close()
-
-
 class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
-    """One topic partition, read through its worker's shared ``assign()``-ed consumer."""
+    """One topic partition read through an ``assign()``-ed consumer."""
 
     def __init__(
         self,
@@ -233,16 +145,15 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         # not at build: connecting and the first fetch can take a while.
         self._last_activity: float | None = None
         # True from an end-of-partition event until the next record: only a partition
-        # that is really at its end can end by idleness (a partition whose records wait
-        # behind other partitions' in the shared consumer is not idle).
+        # that is really at its end can end by idleness.
         self._at_end = False
         self._done = False
+        self._error: KafkaError | None = None
         # consumer lag gauge: made at the first measurement, updated every lag_interval_s
         self._lag_interval_s = lag_interval_s
         self._lag_due = 0.0
         self._lag: Gauge | None = None
-        self._shared = _SharedConsumer.acquire(config, batch_size)
-        self._consumer = self._shared.consumer
+        self._consumer = Consumer({**config, "error_cb": self._on_error})
         if start == OFFSET_END:
             # Resolve "the end" to a real offset now, so that a snapshot taken before
             # the first record is a real offset too (resuming at OFFSET_END would skip
@@ -258,7 +169,14 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             except KafkaException as exc:
                 log.warning("kafka input %s: end offset unknown (%s); tailing", self._source, exc)
         log.debug("kafka input %s from %s, config %s", self._source, start, mask_config(config))
-        self._shared.add(TopicPartition(topic, partition, start))
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Called from consume() on this thread.
+        if err.fatal() or err.code() in _PARTITION_GONE_ERRORS:
+            self._error = self._error or err
+        else:
+            log.warning("kafka input %s: %s", self._source, err)
 
     def next_batch(self) -> list[RawRecord]:
         """Up to ``batch_size`` records; empty when nothing arrived within the timeout.
@@ -268,11 +186,9 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         """
         if self._done:
             raise StopIteration
-        msgs = self._shared.take(self._topic, self._partition, self._batch_size,
-                                 self._poll_timeout_s)
-        if self._shared.error is not None:
-            raise KafkaConsumeError(
-                f"error consuming from Kafka {self._source}: {self._shared.error}")
+        msgs: list[Message] = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        if self._error is not None:
+            raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {self._error}")
         batch: list[RawRecord] = []
         for msg in msgs:
             err = msg.error()
@@ -364,13 +280,12 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         return self._next
 
     def close(self) -> None:
-        """Stop reading (no offsets are committed: the snapshot is the state); the shared
-        consumer closes with the worker's last partition."""
+        """Close the consumer (no offsets are committed: the snapshot is the state)."""
         if self._lag is not None:
             with contextlib.suppress(KeyError):
                 KAFKA_CONSUMER_LAG.remove(self._topic, str(self._partition))
             self._lag = None
-        self._shared.remove(self._topic, self._partition)
+        self._consumer.close()
 
 
 class KafkaInput(FixedPartitionedSource[RawRecord, int]):

@@ -437,34 +437,3 @@ def test_mask_config_hides_secrets() -> None:
         "client.secret": "***",
         "linger.ms": 1,
     }
-
-
-@pytest.mark.integration
-def test_partitions_of_a_worker_share_one_consumer_and_keep_their_records_apart(
-    tansu: str, tansu_topic: TopicFactory
-) -> None:
-    t = tansu_topic(3)
-    _produce(tansu, t, [(i % 3, b"k", b"%d" % i) for i in range(300)])
-    src = KafkaInput(tansu, {t: "json"}, batch_size=50)
-    parts = [src.build_part("in", f"{t}/{p}", None) for p in range(3)]
-    try:
-        assert parts[0]._shared is parts[1]._shared is parts[2]._shared
-        shared = parts[0]._shared
-        got: dict[int, list[RawRecord]] = {0: [], 1: [], 2: []}
-        deadline = time.monotonic() + 15
-        while sum(map(len, got.values())) < 300 and time.monotonic() < deadline:
-            for p, part in enumerate(parts):
-                batch = part.next_batch()
-                assert len(batch) <= 50
-                got[p].extend(batch)
-            assert shared._buffered <= shared.max_buffered + shared.fetch_batch
-        for p in range(3):
-            assert all(r.source == f"{t}/{p}" for r in got[p])
-            assert [int(r.value) for r in got[p]] == list(range(p, 300, 3))
-        parts[0].close()  # the others keep reading on the same consumer
-        _produce(tansu, t, [(1, b"k", b"late")])
-        assert [r.value for r in _drain(parts[1], 1)] == [b"late"]
-    finally:
-        for part in parts[1:]:
-            part.close()
-    assert not any(c is shared for c in type(shared)._registry.values())
