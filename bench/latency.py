@@ -63,15 +63,23 @@ from flows.model import Profile
 from state.redis_store import RedisProfileStore
 
 __all__ = [
+    "COMPARE_PHASE",
     "FULL",
     "KAFKA_SETTINGS",
+    "LATENESS_TARGET",
     "QUICK",
     "REDIS_DB",
     "Phase",
     "Plan",
+    "RunData",
+    "broker_pid",
     "compare_kafka_settings",
+    "encode_hist",
+    "input_only_run",
     "main",
+    "plot_cdf",
     "run",
+    "run_once",
 ]
 
 PART = "latency"
