@@ -64,6 +64,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import run_main
 
 from bench.core import BenchContext, PartResult
+from bench.workload import session_script
 from flows import experience, runner
 from flows.codec import json_dumps, pack
 from flows.engine import Customer, EngineConfig, ShardEngine
@@ -161,36 +162,6 @@ class SyntheticProfiles:
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Nothing is stored."""
         return sum(1 for _ in profiles)
-
-
-def session_script(rng: random.Random, cid: str) -> list[dict[str, Any]]:
-    """One terminal session, as :mod:`bench.workload` plays them."""
-    hall = rng.choice(HALLS)
-    term = f"{hall}-T{rng.randrange(40):02d}"
-
-    def click(action: str, module: str | None = None, step: str | None = None) -> dict[str, Any]:
-        ev: dict[str, Any] = {"type": "click", "customer_id": cid, "terminal_id": term,
-                              "hall_id": hall, "action": action}
-        if module:
-            ev["module"] = module
-        if step:
-            ev["step"] = step
-        return ev
-
-    module = rng.choice(MODULES)
-    out = [click("session_start"), click("module_enter", module)]
-    for step in STEPS[: rng.randrange(1, len(STEPS) + 1)]:
-        out.append(click("step_enter", module, step))
-        if rng.random() < 0.1:
-            out.append(click("help", module, step))
-            break
-        out.append(click("step_exit", module, step))
-    if rng.random() < 0.3:
-        out.append(click("demo_play", module))
-    if rng.random() < 0.1:
-        out.append(click("order", module))
-    out.append(click("session_end"))
-    return out
 
 
 def customer_events(rng: random.Random, cid: str) -> list[tuple[str, dict[str, Any]]]:

@@ -37,7 +37,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from bench.workload import customer_id
+from bench.workload import customer_id, session_script
 from connectors.demo import HALLS, MODULES
 from flows.codec import json_dumps
 from flows.model import Profile
@@ -101,32 +101,6 @@ def click_profiles(n: int = CLICK_CUSTOMERS, seed: int = 1,
             prefs={"music": ("jazz",)} if rng.random() < 0.3 else {},
             trials=trials,
         ))
-    return out
-
-
-def _session_script(rng: random.Random, cid: str, hall: str, term: str) -> list[dict[str, Any]]:
-    def click(action: str, module: str | None = None, step: str | None = None) -> dict[str, Any]:
-        ev: dict[str, Any] = {"type": "click", "customer_id": cid, "terminal_id": term,
-                              "hall_id": hall, "action": action}
-        if module:
-            ev["module"] = module
-        if step:
-            ev["step"] = step
-        return ev
-
-    module = rng.choice(MODULES)
-    out = [click("session_start"), click("module_enter", module)]
-    for step in STEPS[: rng.randrange(1, len(STEPS) + 1)]:
-        out.append(click("step_enter", module, step))
-        if rng.random() < 0.1:
-            out.append(click("help", module, step))
-            break
-        out.append(click("step_exit", module, step))
-    if rng.random() < 0.3:
-        out.append(click("demo_play", module))
-    if rng.random() < 0.1:
-        out.append(click("order", module))
-    out.append(click("session_end"))
     return out
 
 
@@ -248,7 +222,7 @@ class Traffic:
                 if cid not in self._busy:
                     break
             self._busy.add(cid)
-            script = self._sessions[i] = _session_script(rng, cid, hall, term)
+            script = self._sessions[i] = session_script(rng, cid, hall, term)
         ev = script.pop(0)
         if not script:
             self._busy.discard(ev["customer_id"])

@@ -18,7 +18,7 @@ from connectors.demo import HALLS, MODULES
 from flows.codec import json_dumps
 from flows.model import Profile
 
-__all__ = ["Workload", "customer_id", "profiles"]
+__all__ = ["Workload", "customer_id", "profiles", "session_script"]
 
 POIS = ("mall", "stadium", "office", "cinema", "home", None)
 STEPS = ("intro", "pair", "door_sensor_setup", "confirm")
@@ -64,7 +64,7 @@ class Workload:
                 i = rng.randrange(self.customers)
                 script = open_sessions.get(i)
                 if not script:
-                    script = open_sessions[i] = _session_script(rng, i)
+                    script = open_sessions[i] = session_script(rng, customer_id(i))
                 ev = script.pop(0)
                 if not script:
                     del open_sessions[i]
@@ -90,10 +90,14 @@ class Workload:
                     "missed": rng.randrange(0, 2)})
 
 
-def _session_script(rng: random.Random, i: int) -> list[dict[str, object]]:
-    cid = customer_id(i)
-    hall = rng.choice(HALLS)
-    term = f"{hall}-T{rng.randrange(40):02d}"
+def session_script(rng: random.Random, cid: str, hall: str | None = None,
+                   term: str | None = None) -> list[dict[str, object]]:
+    """One coherent terminal session of ``cid`` (start, module, steps, maybe help, a demo
+    or an order, end); the hall and terminal are drawn from ``rng`` unless given."""
+    if hall is None:
+        hall = rng.choice(HALLS)
+    if term is None:
+        term = f"{hall}-T{rng.randrange(40):02d}"
 
     def click(action: str, module: str | None = None, step: str | None = None) -> dict[str, object]:
         ev: dict[str, object] = {"type": "click", "customer_id": cid, "terminal_id": term,
