@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -25,6 +25,7 @@ from pydantic_settings import (
 __all__ = [
     "EngineSettings",
     "KafkaSettings",
+    "LayeredSettings",
     "RedisSettings",
     "Settings",
     "WebhookTarget",
@@ -170,7 +171,43 @@ class WebhookTarget(BaseModel):
     body: Literal["cloudevents", "pagerduty", "slack"] = "cloudevents"
 
 
-class Settings(BaseSettings):
+_TOML_PATH: list[Path | None] = [None]
+
+
+class LayeredSettings(BaseSettings):
+    """A settings object built from flags, then the environment, then a TOML file.
+
+    :meth:`load` is the one way to build one: flags are the keyword arguments (``None``
+    means "not given"), the TOML file is optional. The engine's :class:`Settings` and
+    the gateway's settings both use it.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init) win over the environment, which wins over the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_PATH[0] is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH[0]))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Self:
+        """Build from flags (``overrides``; None = not given), environment and TOML."""
+        _TOML_PATH[0] = config_file
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _TOML_PATH[0] = None
+
+
+class Settings(LayeredSettings):
     """Everything touchstream can be told; frozen once built."""
 
     model_config = SettingsConfigDict(
@@ -206,29 +243,8 @@ class Settings(BaseSettings):
             targets.append(WebhookTarget(url=self.webhook_url, secret=self.webhook_secret))
         return targets
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init) win over the environment, which wins over the TOML file."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _TOML_PATH[0] is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH[0]))
-        return tuple(sources)
-
-
-_TOML_PATH: list[Path | None] = [None]
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from flags (``overrides``), environment and TOML file."""
-    _TOML_PATH[0] = config_file
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _TOML_PATH[0] = None
+    return Settings.load(config_file, **overrides)

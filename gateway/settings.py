@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
+
+from flows.settings import LayeredSettings
 
 __all__ = ["MIN_SECRET_CHARS", "GatewaySettings", "load_gateway_settings"]
 
@@ -33,7 +30,7 @@ MIN_OPS_SECRET_CHARS = 12
 _KID = re.compile(r"^[A-Za-z0-9._-]{1,16}$")
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(LayeredSettings):
     """Everything the push gateway can be told; frozen once built."""
 
     model_config = SettingsConfigDict(
@@ -164,29 +161,7 @@ class GatewaySettings(BaseSettings):
             raise ValueError("stream_prefix must be non-empty and free of glob characters")
         return v
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init) win over the environment, which wins over the TOML file."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _TOML_PATH[0] is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH[0]))
-        return tuple(sources)
-
-
-_TOML_PATH: list[Path | None] = [None]
-
 
 def load_gateway_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:
     """Build the settings from flags (``overrides``; None = not given), env and TOML."""
-    _TOML_PATH[0] = config_file
-    try:
-        return GatewaySettings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _TOML_PATH[0] = None
+    return GatewaySettings.load(config_file, **overrides)
