@@ -26,6 +26,7 @@ __all__ = [
     "EngineSettings",
     "KafkaSettings",
     "LayeredSettings",
+    "RecoverySettings",
     "RedisSettings",
     "Settings",
     "WebhookTarget",
@@ -158,6 +159,58 @@ class RedisSettings(BaseModel):
     profile_cache_ttl_s: float = 5.0
     stream_maxlen: int = 1000
     stream_ttl_s: int = 7 * 24 * 3600
+    username: str | None = Field(None, description="ACL user (AUTH username password)")
+    password: SecretStr | None = Field(
+        None, description="AUTH password (env or TOML; prefer password_file, never a flag)"
+    )
+    password_file: Path | None = Field(None, description="file holding the AUTH password")
+    tls_ca_file: Path | None = Field(None, description="CA bundle to verify a rediss:// server")
+    tls_cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(None, description="client key (mutual TLS)")
+    max_held_effects: int = Field(
+        10_000, ge=1,
+        description="pushes held per worker while Redis is unreachable; when full the flow "
+        "waits (back-pressure) instead of dropping",
+    )
+    retry_interval_s: float = Field(
+        0.5, gt=0, description="how often held effects are retried while Redis is down"
+    )
+
+    def auth_password(self) -> str | None:
+        """The AUTH password: ``password``, else the first line of ``password_file``."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        return None
+
+
+class RecoverySettings(BaseModel):
+    """Bytewax recovery: snapshots of state and input offsets, for restarts.
+
+    ``enabled`` None means "on in Kafka mode, off otherwise" (demo traffic and replays
+    have nothing to resume). The worst-case replay window after a crash is about one
+    ``snapshot_interval_s``: what arrived since the last snapshot is read again, and the
+    idempotency keys keep it from being delivered twice.
+    """
+
+    model_config = _FROZEN
+
+    enabled: bool | None = Field(None, description="None = on with Kafka input, off without")
+    dir: Path = Field(Path("touchstream-recovery"), description="recovery database directory")
+    partitions: int = Field(
+        1, ge=1, le=1024, description="recovery partitions made on first start"
+    )
+    snapshot_interval_s: float = Field(
+        10.0, gt=0, description="snapshot (and epoch) interval: the worst-case replay window"
+    )
+    backup_interval_s: float = Field(
+        0.0, ge=0, description="keep superseded snapshots this long (for off-host backups)"
+    )
+    outbox_max_bytes: int = Field(
+        64 * 1_048_576, ge=65_536,
+        description="webhook outbox journal size at which it is compacted",
+    )
 
 
 class WebhookTarget(BaseModel):
@@ -167,8 +220,16 @@ class WebhookTarget(BaseModel):
 
     url: str
     secret: SecretStr | None = None
+    secret_file: Path | None = Field(None, description="file holding the whsec_... secret")
     types: list[str] = Field(default_factory=list, description="alert types; empty = all")
     body: Literal["cloudevents", "pagerduty", "slack"] = "cloudevents"
+
+    def resolved(self) -> WebhookTarget:
+        """This target with ``secret`` read from ``secret_file`` when only that is set."""
+        if self.secret is not None or self.secret_file is None:
+            return self
+        text = self.secret_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        return self.model_copy(update={"secret": SecretStr(text), "secret_file": None})
 
 
 _TOML_PATH: list[Path | None] = [None]
@@ -230,6 +291,10 @@ class Settings(LayeredSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="whsec_... signing secret for webhook_url (env or TOML, never a flag)"
     )
+    webhook_secret_file: Path | None = Field(
+        None, description="file holding the whsec_... secret for webhook_url"
+    )
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     alerts_dlq_file: Path = Field(
         Path("alerts-dlq.jsonl"), description="undeliverable alerts when Kafka is not used"
     )
@@ -238,10 +303,17 @@ class Settings(LayeredSettings):
 
     def webhook_targets(self) -> list[WebhookTarget]:
         """``webhooks`` plus the ``webhook_url`` shorthand."""
-        targets = list(self.webhooks)
+        targets = [t.resolved() for t in self.webhooks]
         if self.webhook_url:
-            targets.append(WebhookTarget(url=self.webhook_url, secret=self.webhook_secret))
+            targets.append(WebhookTarget(url=self.webhook_url, secret=self.webhook_secret,
+                                         secret_file=self.webhook_secret_file).resolved())
         return targets
+
+    def recovery_on(self) -> bool:
+        """Whether this run snapshots and resumes (default: when Kafka is the input)."""
+        if self.recovery.enabled is not None:
+            return self.recovery.enabled
+        return self.mode == "live" and self.kafka.brokers is not None
 
 
 
