@@ -20,6 +20,7 @@ Two clocks drive it:
 from __future__ import annotations
 
 import heapq
+import logging
 import zlib
 from array import array
 from bisect import insort
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from sys import intern
 from typing import Any, Final
 
+from flows.cel import ConditionError, DwellEvent
 from flows.model import (
     Alert,
     CallsEvent,
@@ -53,6 +55,8 @@ __all__ = [
     "shard_of",
     "shard_of_key",
 ]
+
+log = logging.getLogger(__name__)
 
 FOREVER: Final = 2**62
 MAX_PLACE_EVENTS: Final = 256
@@ -252,6 +256,7 @@ class ShardEngine:
         self._call_keep = max((r.trigger.max_history for r in self._call_rules), default=0)
         self._call_min_history = min((r.trigger.min_history for r in self._call_rules),
                                      default=0)
+        self._when_errors: dict[str, int] = {}  # per rule, to thin out the log
         if state is not None:
             self._restore(state)
 
@@ -580,6 +585,11 @@ class ShardEngine:
         st.fired.add(rule_id)
         p = self.profiles.get(cid)
         s = self._session_open(c, deadline)
+        if rule.when is not None:
+            ev = DwellEvent(cid, st.enter_ts, s.terminal_id if s else "",
+                            s.hall_id if s else "", st.module, st.step)
+            if not self._when(rule, ev, p, s, st.module, deadline):
+                return
         dwell_s = (deadline - st.enter_ts) // 1000
         if rule.alert is not None:
             data = {
@@ -629,9 +639,41 @@ class ShardEngine:
     ) -> None:
         reason["trigger_event"] = env.key
         s = self._session_open(c, ts)
-        self._push_raw(
-            c, env.event.customer_id, rule, env.key, ts, module, extra, reason, out, profile, s
-        )
+        cid = env.event.customer_id
+        if rule.when is not None:
+            # The trigger fired: now (and only now) the rule's condition is evaluated.
+            if profile is None:
+                profile = self.profiles.get(cid)
+            about = module or (rule.push.module if rule.push is not None else None) or ""
+            if not self._when(rule, env.event, profile, s, about, ts):
+                return
+        self._push_raw(c, cid, rule, env.key, ts, module, extra, reason, out, profile, s)
+
+    def _when(
+        self,
+        rule: Rule,
+        event: Any,
+        profile: Profile,
+        s: _Session | None,
+        module: str,
+        ts: int,
+    ) -> bool:
+        """Whether a fired rule's ``when`` holds; count ``blocked:when`` if not, and
+        ``blocked:when_error`` if it could not be evaluated (which counts as false)."""
+        cond = rule.when
+        assert cond is not None
+        hall, terminal = (s.hall_id, s.terminal_id) if s is not None else ("", "")
+        try:
+            if cond.holds(event, profile, hall, terminal, module, ts):
+                return True
+            self.counts["rule", rule.id, "blocked:when"] += 1
+        except ConditionError as exc:
+            self.counts["rule", rule.id, "blocked:when_error"] += 1
+            n = self._when_errors[rule.id] = self._when_errors.get(rule.id, 0) + 1
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time per rule and shard
+                log.warning("rule %r: its condition failed to evaluate (%s) and counts as "
+                            "false; %d time(s) on shard %d", rule.id, exc, n, self.shard)
+        return False
 
     def _push_raw(
         self,

@@ -2,10 +2,13 @@
 
 A rules file names a version, the guards every push passes, and a list of rules. Each
 rule has a trigger (one of the built-in kinds, with its thresholds as parameters), an
-action (a push, an alert, or both) and how often it may fire (``once_per``). Errors
-name the file, the rule and the field, e.g.::
+action (a push, an alert, or both), how often it may fire (``once_per``) and, optionally,
+a condition (``when``: a CEL expression over ``event``, ``profile`` and ``context``,
+checked and compiled once here, evaluated only when the trigger fires; see
+:mod:`flows.cel`). Errors name the file, the rule and the field, e.g.::
 
     rules.yaml: rule 'cinema-pay': trigger.min_visits: Input should be a valid integer
+    rules.yaml: rule 'jazz-youth': when: unknown field 'segmnt' of profile; ...
 """
 
 from __future__ import annotations
@@ -17,9 +20,19 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from flows.cel import Condition, compile_condition
 
 __all__ = [
     "DEFAULT_RULES_RESOURCE",
@@ -38,6 +51,13 @@ __all__ = [
 DEFAULT_RULES_RESOURCE = "default_rules.yaml"
 MAX_RULES_FILE_BYTES = 1_048_576
 MAX_RULES = 500
+# Limits on a rule's ``when`` (CEL) expression: characters, AST depth (``&&``/``||``
+# chains count as balanced trees), AST nodes, and nested loop macros (all, exists,
+# exists_one, map, filter: each level multiplies the work by a list's length).
+MAX_WHEN_CHARS = 1000
+MAX_WHEN_DEPTH = 32
+MAX_WHEN_NODES = 200
+MAX_WHEN_LOOPS = 2
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
@@ -204,6 +224,7 @@ class RuleModel(BaseModel):
     push: PushModel | None = None
     alert: AlertModel | None = None
     once_per: str | None = None
+    when: str | None = None
     description: str | None = Field(None, max_length=1000)
 
 
@@ -217,8 +238,20 @@ class GuardsModel(BaseModel):
 class FileModel(BaseModel):
     model_config = _MODEL
     version: int = Field(ge=1)
+    timezone: str = Field("UTC", max_length=64)
     guards: GuardsModel = Field(default_factory=lambda: GuardsModel.model_validate({}))
     rules: list[dict[str, Any]] = Field(max_length=MAX_RULES)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v):
+            raise ValueError(f"not a time zone name: {v!r} (use e.g. 'Asia/Shanghai')")
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(f"unknown time zone {v!r} (use e.g. 'Asia/Shanghai')") from None
+        return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +272,8 @@ class AlertAction:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One compiled rule. ``once_scope`` is ``period`` (with ``once_ms``) or a scope name."""
+    """One compiled rule. ``once_scope`` is ``period`` (with ``once_ms``) or a scope name;
+    ``when`` is its compiled condition, if it has one."""
 
     id: str
     version: int
@@ -249,6 +283,7 @@ class Rule:
     once_scope: str
     once_ms: int
     description: str | None = None
+    when: Condition | None = None
 
     @property
     def kind(self) -> str:
@@ -267,21 +302,31 @@ class Guards:
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """The active rules, indexed by trigger kind."""
+    """The active rules, indexed by trigger kind; ``timezone`` is where conditions read
+    ``context.hour``, ``minute`` and ``weekday``."""
 
     version: int
     rules: tuple[Rule, ...]
     guards: Guards
     source: str = "<memory>"
     by_kind: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+    timezone: str = "UTC"
 
     @classmethod
-    def of(cls, version: int, rules: tuple[Rule, ...], guards: Guards, source: str) -> RuleSet:
+    def of(
+        cls,
+        version: int,
+        rules: tuple[Rule, ...],
+        guards: Guards,
+        source: str,
+        timezone: str = "UTC",
+    ) -> RuleSet:
         """Build a rule set and its index by trigger kind."""
         idx: dict[str, list[Rule]] = {}
         for r in rules:
             idx.setdefault(r.kind, []).append(r)
-        return cls(version, rules, guards, source, {k: tuple(v) for k, v in idx.items()})
+        return cls(version, rules, guards, source, {k: tuple(v) for k, v in idx.items()},
+                   timezone)
 
     def of_kind(self, kind: str) -> tuple[Rule, ...]:
         """The rules with this trigger kind (empty tuple if none)."""
@@ -308,7 +353,7 @@ _TRIGGER_KINDS = {
 }
 
 
-def _compile_rule(m: RuleModel) -> Rule:
+def _compile_rule(m: RuleModel, timezone: str = "UTC") -> Rule:
     kind = m.trigger.kind
     allowed = _ALLOWED_ONCE[kind]
     once = m.once_per
@@ -331,11 +376,18 @@ def _compile_rule(m: RuleModel) -> Rule:
         raise ValueError("a rule needs a push, an alert or both")
     if kind == "step_friction" and m.push is not None:
         raise ValueError("push: step_friction concerns many customers; it can only alert")
+    if m.alert is not None and kind not in {"step_dwell", "step_friction"}:
+        raise ValueError(f"alert: trigger {kind} can only push (alerts come from step_dwell "
+                         "and step_friction)")
     needs_module = kind in {"location_frequency", "call_spike"}
     if m.push is not None and needs_module and m.push.module is None:
         raise ValueError(f"push.module: required for trigger {kind}")
     if isinstance(m.trigger, CallSpike) and m.trigger.min_history > m.trigger.max_history:
         raise ValueError("trigger.min_history: must not exceed max_history")
+    when = None
+    if m.when is not None:
+        when = compile_condition(m.when, kind, m.id, m.version, timezone, MAX_WHEN_CHARS,
+                                 MAX_WHEN_DEPTH, MAX_WHEN_NODES, MAX_WHEN_LOOPS)
     return Rule(
         id=m.id,
         version=m.version,
@@ -345,6 +397,7 @@ def _compile_rule(m: RuleModel) -> Rule:
         once_scope=scope,
         once_ms=once_ms,
         description=m.description,
+        when=when,
     )
 
 
@@ -364,7 +417,7 @@ def parse_rules(doc: Any, source: str = "<memory>") -> RuleSet:
         label = f"rule {rid!r}" if isinstance(rid, str) else f"rule #{i + 1}"
         try:
             m = RuleModel.model_validate(raw)
-            rule = _compile_rule(m)
+            rule = _compile_rule(m, fm.timezone)
         except ValidationError as exc:
             for e in exc.errors():
                 errors.append(f"{source}: {label}: {_fmt_loc(tuple(e['loc']))}: {e['msg']}")
@@ -382,7 +435,7 @@ def parse_rules(doc: Any, source: str = "<memory>") -> RuleSet:
         raise RulesError(errors)
     g = fm.guards
     guards = Guards(g.max_pushes_per_customer, g.cap_window, g.respect_opt_out)
-    return RuleSet.of(fm.version, tuple(rules), guards, source)
+    return RuleSet.of(fm.version, tuple(rules), guards, source, fm.timezone)
 
 
 def load_rules(path: str | Path) -> RuleSet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.engine import EngineConfig
+from flows.rules import parse_rules
 from tests.flows.helpers import (
     MIN,
     T0,
@@ -14,6 +15,7 @@ from tests.flows.helpers import (
     S,
     calls,
     click,
+    default_rules_doc,
     location,
     profile,
     rules_with,
@@ -317,6 +319,24 @@ def test_music_pref_implicit_session_goes_to_the_terminal():
     h = Harness(profiles=[_music_fan()])
     h.feed(click(C, T0, "module_enter", module="music", terminal="T9"))
     assert [p.channel for p in h.pushes] == ["terminal:T9"]
+
+
+def test_music_pref_with_a_condition_on_the_segment():
+    doc = default_rules_doc()
+    music = next(r for r in doc["rules"] if r["id"] == "music-pref")
+    music["when"] = 'profile.segment == "youth" && "jazz" in profile.prefs.music'
+    h = Harness(parse_rules(doc, "r.yaml"), profiles=[
+        profile(C, segment="youth", prefs={"music": ["jazz", "rock"]}),
+        profile("c2", segment="adult", prefs={"music": ["jazz"]}),
+        profile("c3", segment="youth", prefs={"music": ["rock"]}),
+        profile("c4", segment="youth"),  # no music list: the trigger itself does not fire
+    ])
+    for i, cid in enumerate([C, "c2", "c3", "c4"]):
+        h.feed(click(cid, T0 + i * S, "module_enter", module="music", terminal=f"T{i}"))
+    [p] = h.pushes
+    assert (p.customer_id, p.content["genres"]) == (C, ["jazz", "rock"])
+    assert h.count("rule", "music-pref", "blocked:when") == 2
+    assert h.count("rule", "music-pref", "blocked:when_error") == 0
 
 
 # --- setup-first: session_start, subscribed and not configured -------------------------

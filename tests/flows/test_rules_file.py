@@ -213,6 +213,46 @@ def test_push_on_step_friction(tmp_path):
     assert errs[0].startswith(f"{path}: rule 'step-friction': push: ")
 
 
+@pytest.mark.parametrize("rid", ["cinema-pay", "call-spike", "music-pref", "setup-first",
+                                 "trial-ending"])
+def test_alert_only_from_dwell_and_friction(tmp_path, rid):
+    # The engine alerts only for step_dwell and step_friction: an alert elsewhere would
+    # be silently dropped (or, alone, stop the flow), so the file is refused.
+    doc = default_rules_doc()
+    _rule(doc, rid)["alert"] = {"type": "ops.x"}
+    path, errs = _errors(tmp_path, doc)
+    assert len(errs) == 1
+    assert errs[0].startswith(f"{path}: rule '{rid}': alert: trigger ")
+    assert "can only push" in errs[0]
+
+
+def test_when_is_compiled_at_load(tmp_path):
+    doc = default_rules_doc()
+    doc["timezone"] = "Asia/Shanghai"
+    _rule(doc, "music-pref")["when"] = 'profile.segment == "youth" && context.hour >= 9'
+    rs = load_rules(_write(tmp_path, doc))
+    assert rs.timezone == "Asia/Shanghai"
+    cond = next(r for r in rs.rules if r.id == "music-pref").when
+    assert cond is not None
+    assert (cond.rule_id, cond.timezone, cond.profile_fields, cond.context_fields) == (
+        "music-pref", "Asia/Shanghai", ("segment",), ("hour",))
+    assert all(r.when is None for r in rs.rules if r.id != "music-pref")
+
+
+def test_when_error_names_file_rule_and_field(tmp_path):
+    doc = default_rules_doc()
+    _rule(doc, "cinema-pay")["when"] = "event.module == 'x'"
+    _rule(doc, "help-sprite")["when"] = "profile.segment == 1"
+    path, errs = _errors(tmp_path, doc)
+    assert errs == [
+        f"{path}: rule 'cinema-pay': when: unknown field 'module' of event for trigger "
+        "location_frequency; event has cell_id, customer_id, event_id, poi, poi_id, ts, "
+        "type (at column 7)",
+        f"{path}: rule 'help-sprite': when: '==' compares string with int, which is never "
+        "equal (at column 17)",
+    ]
+
+
 def test_push_module_required_for_network_triggers(tmp_path):
     doc = default_rules_doc()
     del _rule(doc, "cinema-pay")["push"]["module"]
@@ -411,6 +451,16 @@ def test_cli_validate_errors_on_stderr(tmp_path, capsys):
     lines = cap.err.splitlines()
     assert lines[0].startswith(f"{p}: rule 'cinema-pay': trigger.min_visits: ")
     assert lines[1].startswith(f"{p}: rule 'music-pref': trigger: ")
+
+
+def test_cli_validate_reports_a_bad_condition(tmp_path, capsys):
+    doc = default_rules_doc()
+    _rule(doc, "music-pref")["when"] = "profile.prefs.music.exists(g, g == 1)"
+    p = _write(tmp_path, doc)
+    assert cli_main(["rules", "validate", str(p)]) == 1
+    cap = capsys.readouterr()
+    assert cap.err == (f"{p}: rule 'music-pref': when: '==' compares string with int, "
+                       "which is never equal (at column 33)\n")
 
 
 @pytest.mark.parametrize(
