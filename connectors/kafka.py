@@ -15,6 +15,26 @@ safe to construct on any worker.
   never drops.
 * :func:`create_topics` creates missing topics, idempotently.
 
+Broker outages. librdkafka reconnects by itself: transport errors and "all brokers
+down" are logged (warning), counted in ``touchstream_kafka_client_errors`` and never
+fail the flow; the consumer resumes at its position and the producer retries queued
+messages until ``message.timeout.ms`` (then :class:`KafkaDeliveryError`). A broker that
+comes back with *less* data than a partition's position (it lost data, or the topic was
+recreated) is detected and handled as ``on_out_of_range`` says (see
+:class:`KafkaInput`), always with a log line and ``touchstream_kafka_offset_resets``:
+never a silent skip, never a silent re-read.
+
+High watermarks. Tansu 0.6.0 answers ``ListOffsets(latest)`` (what
+``get_watermark_offsets()`` queries) with the last batch's base offset + 1, not the
+last offset + 1, while its Fetch responses (what librdkafka caches, and what
+end-of-partition events are based on) carry the true end. So: end-of-partition and
+idleness (``eof_when_idle_s``) come from Fetch; the resume state is the offset after
+the last record read, never a watermark; the lag gauge uses the cached (Fetch) value;
+only ``tail=True`` resolves its start from ``ListOffsets`` (it may read the last
+batch again: duplicates, never losses); and "past the log end" is only concluded once
+the record just before the position fails to come back (see ``_check_position``),
+never from a watermark alone.
+
 Nothing here logs secrets: configuration is logged only through :func:`mask_config`.
 """
 
@@ -25,7 +45,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -41,19 +61,22 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it untyped
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from flows.metrics import KAFKA_CONSUMER_LAG
 from flows.model import Format, RawRecord
 
 __all__ = [
     "DEFAULT_TOPIC_CONFIG",
+    "KAFKA_CLIENT_ERRORS",
+    "KAFKA_OFFSET_RESETS",
     "ConfigValue",
     "KafkaConsumeError",
     "KafkaDeliveryError",
     "KafkaInput",
     "KafkaMessage",
     "KafkaOutput",
+    "OutOfRangePolicy",
     "create_topics",
     "mask_config",
 ]
@@ -62,6 +85,24 @@ log = logging.getLogger(__name__)
 
 ConfigValue: TypeAlias = str | int | float | bool
 """A librdkafka configuration value (the type of ``KafkaSettings.config`` values)."""
+
+OutOfRangePolicy: TypeAlias = Literal["earliest", "latest", "fail"]
+"""What an input partition does when its position is outside the broker's log."""
+
+KAFKA_CLIENT_ERRORS = Counter(
+    "touchstream_kafka_client_errors",
+    "Errors the Kafka clients reported, by client (consumer, producer) and librdkafka "
+    "error name (e.g. _TRANSPORT, _ALL_BROKERS_DOWN while a broker is down; librdkafka "
+    "retries those by itself)",
+    ["client", "error"],
+)
+KAFKA_OFFSET_RESETS = Counter(
+    "touchstream_kafka_offset_resets",
+    "Input partitions moved because their position was outside the broker's log (the "
+    "broker lost data, the topic was recreated, or retention deleted unread records), "
+    "by topic, partition and policy (earliest, latest, fail)",
+    ["topic", "partition", "policy"],
+)
 
 _SECRET_MARKERS: Final = ("password", "secret", "sasl", "ssl.key")
 
@@ -129,6 +170,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         eof_when_idle_s: float | None,
         metadata_timeout_s: float,
         lag_interval_s: float = 5.0,
+        on_out_of_range: OutOfRangePolicy = "earliest",
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -153,6 +195,14 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         self._lag_interval_s = lag_interval_s
         self._lag_due = 0.0
         self._lag: Gauge | None = None
+        # past-the-end detection (_check_position): the offset being re-read to prove
+        # the log still holds the record before our position, until when to wait for
+        # it, and the last position proven fine (so it is proven once, not every check)
+        self._metadata_timeout_s = metadata_timeout_s
+        self._on_out_of_range: OutOfRangePolicy = on_out_of_range
+        self._probe_at: int | None = None
+        self._probe_deadline = 0.0
+        self._proven_pos = -1
         self._consumer = Consumer({**config, "error_cb": self._on_error})
         if start == OFFSET_END:
             # Resolve "the end" to a real offset now, so that a snapshot taken before
@@ -173,10 +223,11 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
 
     def _on_error(self, err: KafkaError) -> None:
         # Called from consume() on this thread.
+        KAFKA_CLIENT_ERRORS.labels("consumer", err.name()).inc()
         if err.fatal() or err.code() in _PARTITION_GONE_ERRORS:
             self._error = self._error or err
         else:
-            log.warning("kafka input %s: %s", self._source, err)
+            log.warning("kafka input %s: %s (librdkafka retries)", self._source, err)
 
     def next_batch(self) -> list[RawRecord]:
         """Up to ``batch_size`` records; empty when nothing arrived within the timeout.
@@ -195,17 +246,32 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             if err is not None:
                 code = err.code()
                 if code == KafkaError._PARTITION_EOF:
+                    eof_at = msg.offset()
+                    if eof_at is not None and 0 <= eof_at < self._next:
+                        # The broker's end is below our position (seen while proving it).
+                        self._out_of_range(f"end of partition at offset {eof_at}")
+                        break
                     self._at_end = True
                     if self._last_activity is None:
                         self._last_activity = time.monotonic()
                     continue
+                if code == KafkaError._AUTO_OFFSET_RESET:
+                    # auto.offset.reset=error: the broker said OFFSET_OUT_OF_RANGE.
+                    KAFKA_CLIENT_ERRORS.labels("consumer", err.name()).inc()
+                    self._out_of_range(str(err))
+                    break
                 if code in _TRANSIENT_CONSUMER_ERRORS and not err.fatal():
+                    KAFKA_CLIENT_ERRORS.labels("consumer", err.name()).inc()
                     log.warning("kafka input %s: %s (librdkafka retries)", self._source, err)
                     continue
                 raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {err}")
             offset = msg.offset()
             if offset is None:
                 continue
+            if self._probe_at is not None and offset >= self._probe_at:
+                # The log still holds the record before our position: all is well.
+                self._probe_at = None
+                self._proven_pos = self._next
             if self._next >= 0 and offset < self._next:
                 continue  # never re-emit what the resume state says was read
             value: bytes | None = msg.value()
@@ -229,6 +295,8 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         now = time.monotonic()
         if now >= self._lag_due:
             self._report_lag(now)
+            if not batch:
+                self._check_position(now)
         if batch:
             self._last_activity = now
         elif (
@@ -241,27 +309,145 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             raise StopIteration
         return batch
 
-    def _report_lag(self, now: float) -> None:
-        """Set the lag gauge from the consumer's cached high watermark (no round trip).
-
-        librdkafka updates the cached high watermark from every fetch response. On Tansu
-        it can be the last batch's base offset + 1, so the lag can read low; it is
-        clamped at 0.
-        """
-        if self._next < 0:
-            return
+    def _cached_high(self) -> int | None:
+        """The high watermark of the last Fetch response (no round trip), if known."""
         try:
             _low, high = self._consumer.get_watermark_offsets(
                 TopicPartition(self._topic, self._partition), cached=True
             )
         except KafkaException:
+            return None
+        return high if high is not None and high >= 0 else None
+
+    def _report_lag(self, now: float) -> None:
+        """Set the lag gauge from the consumer's cached high watermark (no round trip).
+
+        librdkafka updates the cached high watermark from every Fetch response (on
+        Tansu 0.6.0 that one is the true end; only its ``ListOffsets`` answer is the
+        last batch's base offset + 1). The lag is clamped at 0: a position past the
+        end is :meth:`_check_position`'s business, not a negative lag.
+        """
+        if self._next < 0:
             return
-        if high is None or high < 0:
+        high = self._cached_high()
+        if high is None:
             return  # not known before the first fetch
         self._lag_due = now + self._lag_interval_s
         if self._lag is None:
             self._lag = KAFKA_CONSUMER_LAG.labels(self._topic, str(self._partition))
         self._lag.set(max(0, high - self._next))
+
+    def _check_position(self, now: float) -> None:
+        """Notice, without trusting a watermark alone, that the broker lost our position.
+
+        A broker that comes back with less data than our position (Tansu with memory
+        storage restarted, data lost, topic recreated) may answer Fetch at that position
+        with nothing at all and no error (Tansu 0.6.0 does): the partition would wait
+        forever while new records are written at offsets below it. So, when idle and the
+        Fetch high watermark is below the position, the record just before the position
+        is read again (the resume filter drops it): if it comes back, the position is
+        fine (remembered, no second proof); if, after ``lag_interval_s`` (at least 1 s),
+        it has not and ``ListOffsets`` also answers an end below the position, the
+        position is past the log end and :meth:`_out_of_range` applies the policy. While
+        the broker cannot be asked (down), nothing is concluded.
+        """
+        if self._next <= 0:
+            return
+        if self._probe_at is not None:
+            if now < self._probe_deadline:
+                return
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, self._partition),
+                    timeout=self._metadata_timeout_s,
+                )
+            except KafkaException as exc:
+                log.warning("kafka input %s: log end unknown (%s); position check waits",
+                            self._source, exc)
+                self._probe_deadline = now + max(1.0, self._lag_interval_s)
+                return
+            if high is not None and high >= self._next:
+                # Not past the end after all; go back to reading at the position.
+                self._probe_at = None
+                self._proven_pos = self._next
+                self._consumer.assign([TopicPartition(self._topic, self._partition,
+                                                      self._next)])
+                return
+            cached = self._cached_high()
+            self._reposition(
+                int(low or 0), max(int(high or 0), cached or 0),
+                f"the record before position {self._next} did not come back",
+            )
+            return
+        cached = self._cached_high()
+        if cached is None or cached >= self._next or self._proven_pos == self._next:
+            return
+        self._probe_at = self._next - 1
+        self._probe_deadline = now + max(1.0, self._lag_interval_s)
+        log.debug("kafka input %s: fetch high watermark %d below position %d; checking",
+                  self._source, cached, self._next)
+        self._consumer.assign([TopicPartition(self._topic, self._partition, self._probe_at)])
+
+    def _out_of_range(self, why: str) -> None:
+        """The broker said our position is not in its log: ask where it is, then move."""
+        try:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, self._partition), timeout=self._metadata_timeout_s
+            )
+        except KafkaException as exc:
+            # Cannot ask now (broker going down again?): retry from the same position.
+            log.warning("kafka input %s: offset out of range (%s) and log bounds unknown "
+                        "(%s); retrying at %d", self._source, why, exc, self._next)
+            self._consumer.assign([TopicPartition(self._topic, self._partition, self._next)])
+            return
+        low, high = int(low or 0), max(int(high or 0), self._cached_high() or 0)
+        if self._next < 0 or low <= self._next <= high:
+            self._probe_at = None
+            self._consumer.assign([TopicPartition(self._topic, self._partition,
+                                                  max(self._next, low))])
+            return
+        self._reposition(low, high, why)
+
+    def _reposition(self, low: int, high: int, why: str) -> None:
+        """Move a partition whose position is outside ``[low, high]``, loudly, by policy.
+
+        * position below ``low`` (retention deleted records not yet read): they are lost
+          at the broker; logged as an error with their count; ``earliest`` goes on at
+          ``low``, ``latest`` at ``high``.
+        * position above ``high`` (the broker lost data or the topic was recreated):
+          ``earliest`` re-reads from ``low`` (records read before may be read a second
+          time: duplicates, which pushes' idempotency keys absorb; records written since
+          the broker came back are not lost); ``latest`` goes on at ``high`` (records
+          written since the broker came back, up to ``high - low``, are skipped).
+        * ``fail`` raises :class:`KafkaConsumeError` in both cases.
+
+        Every case logs a warning or an error and counts ``touchstream_kafka_offset_resets``.
+        """
+        policy = self._on_out_of_range
+        pos = self._next
+        KAFKA_OFFSET_RESETS.labels(self._topic, str(self._partition), policy).inc()
+        where = f"position {pos} outside the broker's log [{low}, {high}) ({why})"
+        if policy == "fail":
+            raise KafkaConsumeError(f"Kafka input {self._source}: {where}")
+        target = low if policy == "earliest" else high
+        if pos < low:
+            log.error("kafka input %s: %s: %d record(s) were deleted by the broker before "
+                      "they were read; continuing at %d (on_out_of_range=%s)",
+                      self._source, where, low - pos, target, policy)
+        elif policy == "earliest":
+            log.warning("kafka input %s: %s: the broker lost data or the topic was "
+                        "recreated; re-reading from the earliest offset %d, up to %d "
+                        "record(s) may be read a second time", self._source, where, target,
+                        high - low)
+        else:
+            log.warning("kafka input %s: %s: the broker lost data or the topic was "
+                        "recreated; skipping to the end %d, up to %d record(s) written "
+                        "since are NOT read", self._source, where, target, high - low)
+        self._next = target
+        self._probe_at = None
+        self._proven_pos = -1
+        self._at_end = False
+        self._consumer.assign([TopicPartition(self._topic, self._partition, target)])
 
     def snapshot(self) -> int:
         """The next offset to read.
@@ -303,6 +489,16 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
     record or, before any, from the first time it reached the end of the partition
     (so a slow first connection does not end it early). Both apply per partition;
     leave them ``None`` in live mode.
+
+    A broker outage does not end or fail a partition: librdkafka reconnects, and
+    reading resumes at the position (transport errors are logged and counted). A
+    position outside the broker's log is never skipped or rewound silently: the
+    consumer runs with ``auto.offset.reset=error`` (unless ``config`` overrides it), so
+    Kafka's OFFSET_OUT_OF_RANGE reaches this class, and a broker that answers a
+    position past its end with nothing at all (Tansu) is caught by re-reading the
+    record before the position when idle; then ``on_out_of_range`` decides (see
+    ``_KafkaPartition._reposition``), with a log line and a count in
+    ``touchstream_kafka_offset_resets``.
     """
 
     def __init__(
@@ -322,6 +518,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         eof_when_idle_s: float | None = None,
         metadata_timeout_s: float = 10.0,
         lag_interval_s: float = 5.0,
+        on_out_of_range: OutOfRangePolicy = "earliest",
     ) -> None:
         """Describe the input; nothing connects until Bytewax builds it.
 
@@ -343,8 +540,19 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         :arg metadata_timeout_s: timeout of the metadata calls (``list_parts()``,
             and resolving the end offset when tailing).
         :arg lag_interval_s: how often (at most) each partition updates its
-            ``touchstream_kafka_consumer_lag`` gauge (from the cached high watermark).
+            ``touchstream_kafka_consumer_lag`` gauge (from the cached high watermark)
+            and, when idle, checks that its position is still inside the broker's log.
+        :arg on_out_of_range: when a partition's position is outside the broker's log
+            (the broker lost data, the topic was recreated, retention deleted unread
+            records): ``"earliest"`` (default) goes on from the earliest offset, so
+            nothing the broker still has is lost (records read before may be read
+            again: duplicates); ``"latest"`` goes on from the end (skips what was
+            written since); ``"fail"`` raises :class:`KafkaConsumeError`. Each case is
+            logged and counted.
         """
+        if on_out_of_range not in ("earliest", "latest", "fail"):
+            raise ValueError(f"on_out_of_range must be earliest, latest or fail, "
+                             f"not {on_out_of_range!r}")
         if not topics:
             raise ValueError("KafkaInput needs at least one topic")
         if batch_size < 1:
@@ -365,6 +573,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         self.eof_when_idle_s = eof_when_idle_s
         self.metadata_timeout_s = metadata_timeout_s
         self.lag_interval_s = lag_interval_s
+        self.on_out_of_range: OutOfRangePolicy = on_out_of_range
 
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka consumer configuration each partition uses."""
@@ -378,6 +587,9 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             "fetch.wait.max.ms": self.fetch_wait_max_ms,
             "fetch.queue.backoff.ms": self.fetch_queue_backoff_ms,
             "fetch.min.bytes": self.fetch_min_bytes,
+            # An out-of-range position reaches next_batch() (and on_out_of_range)
+            # instead of librdkafka resetting it silently.
+            "auto.offset.reset": "error",
         }
         config.update(self.config)
         return config
@@ -425,6 +637,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             self.eof_when_idle_s,
             self.metadata_timeout_s,
             self.lag_interval_s,
+            self.on_out_of_range,
         )
 
 
@@ -463,7 +676,7 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
 
     def __init__(self, config: dict[str, Any], retry_poll_s: float, flush_timeout_s: float):
         log.debug("kafka output config %s", mask_config(config))
-        self._producer = Producer(config)
+        self._producer = Producer({**config, "error_cb": self._on_error})
         self._retry_poll_s = retry_poll_s
         self._flush_timeout_s = flush_timeout_s
         self.delivered = 0
@@ -471,6 +684,17 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
         self.buffer_waits = 0
         self._new_failures: list[tuple[str, str]] = []
         self._new_failure_count = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Called from poll()/flush() on this thread. Transport errors while a broker is
+        # down are retried by librdkafka (queued messages wait, up to message.timeout.ms,
+        # then fail through _on_delivery); a fatal error (e.g. the idempotent producer's
+        # sequence state lost) makes the next write_batch() raise.
+        KAFKA_CLIENT_ERRORS.labels("producer", err.name()).inc()
+        if err.fatal():
+            self._fail("*", f"fatal producer error: {err}")
+        else:
+            log.warning("kafka output: %s (librdkafka retries)", err)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:

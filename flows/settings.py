@@ -134,6 +134,11 @@ class KafkaSettings(BaseModel):
     start: Literal["earliest", "latest"] = Field(
         "earliest", description="where input starts without a snapshot"
     )
+    on_out_of_range: Literal["earliest", "latest", "fail"] = Field(
+        "earliest",
+        description="when the broker has less data than the input's position: re-read from "
+        "the earliest offset, skip to the end, or stop the flow (each is logged and counted)",
+    )
     eof_when_idle_s: float | None = Field(
         None, description="stop when every input partition is idle this long (tests, backfills)"
     )

@@ -6,6 +6,7 @@ reading with ``assign()`` (no consumer-group join).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from prometheus_client import REGISTRY
 
 from connectors.kafka import (
     KafkaConsumeError,
@@ -251,6 +253,153 @@ def test_tail_on_tansu_rereads_at_most_the_last_batch(
     got = _drain(part, 1)
     assert [(r.pos, r.value) for r in got] == [(5, b"new0")]
     part.close()
+
+
+# --- outages, out-of-range positions and Tansu's high watermark ----------------------
+
+
+def _resets(topic: str, policy: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "touchstream_kafka_offset_resets_total",
+        {"topic": topic, "partition": "0", "policy": policy},
+    )
+    return value or 0.0
+
+
+def _produce_batches(brokers: str, topic: str, batches: int, per_batch: int) -> None:
+    """``batches`` produce requests of ``per_batch`` records each (one record batch each)."""
+    n = 0
+    for _ in range(batches):
+        _produce(brokers, topic, [(0, None, b"r%d" % (n + i)) for i in range(per_batch)])
+        n += per_batch
+
+
+def _until_stop(part: Any, timeout_s: float = 15.0) -> list[RawRecord]:
+    got: list[RawRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            got.extend(part.next_batch())
+        except StopIteration:
+            return got
+    raise AssertionError(f"partition did not end within {timeout_s}s ({len(got)} records)")
+
+
+@pytest.mark.integration
+def test_eof_idle_and_resume_ignore_tansus_low_high_watermark(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    """Multi-record batches: ListOffsets answers below the end on Tansu 0.6.0 (last batch's
+    base offset + 1), yet the idle end, the snapshot and a resume are exact."""
+    t = tansu_topic(1)
+    _produce_batches(tansu, t, batches=3, per_batch=20)  # offsets 0..59, 3 record batches
+    c = Consumer({"bootstrap.servers": tansu, "group.id": "wm"})
+    _low, listed_high = c.get_watermark_offsets(TopicPartition(t, 0), timeout=5)
+    c.close()
+    assert listed_high <= 60  # 41 on Tansu 0.6.0 (base offset 40 + 1), 60 on Kafka
+
+    src = KafkaInput(tansu, {t: "json"}, batch_size=7, eof_when_idle_s=0.5,
+                     lag_interval_s=0.1)
+    part = src.build_part("in", f"{t}/0", None)
+    got = _until_stop(part)  # ends by idleness only after the true end
+    assert [r.pos for r in got] == list(range(60))
+    assert part.snapshot() == 60  # the offset after the last record, not a watermark
+    part.close()
+
+    _produce_batches(tansu, t, batches=1, per_batch=5)  # 60..64
+    again = src.build_part("in", f"{t}/0", 60)
+    rest = _until_stop(again)
+    assert [(r.pos, r.value) for r in rest] == [(60 + i, b"r%d" % i) for i in range(5)]
+    assert again.snapshot() == 65
+    again.close()
+    assert _resets(t, "earliest") == 0  # the position check never fired
+
+
+@pytest.mark.integration
+def test_idle_at_the_end_of_a_multi_record_batch_is_not_out_of_range(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    """Resumed exactly at the end of a 30-record batch and idle for many position checks:
+    no reset, nothing read twice, new records read once."""
+    t = tansu_topic(1)
+    _produce_batches(tansu, t, batches=1, per_batch=30)
+    part = KafkaInput(tansu, {t: "json"}, lag_interval_s=0.1).build_part("in", f"{t}/0", 30)
+    idle_until = time.monotonic() + 1.5
+    idle: list[RawRecord] = []
+    while time.monotonic() < idle_until:
+        idle.extend(part.next_batch())
+    assert idle == []
+    _produce(tansu, t, [(0, None, b"new")])
+    got = _drain(part, 1)
+    got.extend(_drain(part, 1, timeout_s=0.5))  # and nothing more
+    assert [(r.pos, r.value) for r in got] == [(30, b"new")]
+    part.close()
+    assert _resets(t, "earliest") == 0
+
+
+@pytest.mark.integration
+def test_position_past_the_log_end_rewinds_to_earliest_loudly(
+    tansu: str, tansu_topic: TopicFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker has less data than the position (what a broker that lost data or a
+    recreated topic looks like). Tansu answers such a fetch with nothing and no error;
+    the partition notices, says so, and re-reads from the earliest offset: nothing the
+    broker has is lost, and a record written after the loss is read too."""
+    t = tansu_topic(1)
+    _produce_batches(tansu, t, batches=2, per_batch=5)  # 0..9
+    before = _resets(t, "earliest")
+    part = KafkaInput(tansu, {t: "json"}, lag_interval_s=0.2).build_part("in", f"{t}/0", 50)
+    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
+        got = _drain(part, 10)
+    assert [r.pos for r in got] == list(range(10))
+    assert _resets(t, "earliest") == before + 1
+    warned = [m for m in (r.getMessage() for r in caplog.records)
+              if "outside the broker's log" in m]
+    assert len(warned) == 1 and "position 50" in warned[0] and "re-reading" in warned[0]
+    _produce(tansu, t, [(0, None, b"after")])
+    more = _drain(part, 1)
+    assert [(r.pos, r.value) for r in more] == [(10, b"after")]
+    assert part.snapshot() == 11
+    part.close()
+
+
+@pytest.mark.integration
+def test_position_past_the_log_end_with_latest_skips_loudly(
+    tansu: str, tansu_topic: TopicFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = tansu_topic(1)
+    _produce_batches(tansu, t, batches=2, per_batch=5)  # 0..9
+    src = KafkaInput(tansu, {t: "json"}, lag_interval_s=0.2, on_out_of_range="latest")
+    part = src.build_part("in", f"{t}/0", 50)
+    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
+        deadline = time.monotonic() + 10
+        while _resets(t, "latest") == 0 and time.monotonic() < deadline:
+            assert part.next_batch() == []
+    assert _resets(t, "latest") == 1
+    assert part.snapshot() == 10
+    assert any("NOT read" in r.getMessage() for r in caplog.records)
+    _produce(tansu, t, [(0, None, b"after")])
+    assert [(r.pos, r.value) for r in _drain(part, 1)] == [(10, b"after")]
+    part.close()
+
+
+@pytest.mark.integration
+def test_position_past_the_log_end_with_fail_raises(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    t = tansu_topic(1)
+    _produce(tansu, t, [(0, None, b"x")])
+    src = KafkaInput(tansu, {t: "json"}, lag_interval_s=0.2, on_out_of_range="fail")
+    part = src.build_part("in", f"{t}/0", 7)
+    with pytest.raises(KafkaConsumeError, match=r"position 7 outside the broker's log"):
+        _drain(part, 1)
+    part.close()
+
+
+def test_on_out_of_range_is_checked_and_the_consumer_never_resets_silently() -> None:
+    with pytest.raises(ValueError, match="on_out_of_range"):
+        KafkaInput("b:9092", {"t": "json"}, on_out_of_range="skip")  # type: ignore[arg-type]
+    assert KafkaInput("b:9092", {"t": "json"}).consumer_config()["auto.offset.reset"] == "error"
 
 
 # --- output --------------------------------------------------------------------------
