@@ -20,11 +20,24 @@ and parameters, push, alert, once-per) in ``ops:rules`` when the engine starts.
 Every command names one key, so the pipeline also works on a Redis Cluster client.
 The alert documents keep the customer ids they carry (operations may need them); the
 console masks them before they reach a browser.
+
+**While Redis is unreachable** the feed is skipped, never held and never raised: the
+batch that met the connection error and every batch after it are dropped (counted by
+kind in :meth:`OpsFeedOutput.stats`: ``dropped_pushes``, ``dropped_alerts``,
+``dropped_stats``) without calling Redis, until a background ``PING`` every
+``retry_interval_s`` gets an answer (:class:`state.redis_store.RedisHealth`). The ops
+feed is a dashboard view: consoles miss the pushes and alerts of the outage (they are
+delivered to terminals and on-call through the push sink, Kafka and webhooks, which do
+not drop them) and show the next stats document once Redis is back. If the connection
+drops in the middle of a pipeline, redis-py sends it again: an entry of the feed may
+then appear twice (the feed carries no idempotency keys; the push streams do).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +48,7 @@ from flows.codec import json_dumps
 from flows.model import Alert, Push
 from flows.rules import RuleSet
 from flows.settings import RedisSettings
-from state.redis_store import RedisClient, connect
+from state.redis_store import UNAVAILABLE, RedisClient, RedisHealth, connect
 
 __all__ = ["OpsFeedConfig", "OpsFeedOutput", "push_summary", "rules_summary", "write_rules"]
 
@@ -57,10 +70,13 @@ class OpsFeedConfig:
     pushes_maxlen: int = 10_000
     publish: bool = True
     cluster: bool = False
+    retry_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         if min(self.stats_history_maxlen, self.alerts_maxlen, self.pushes_maxlen) < 1:
             raise ValueError("stream lengths must be at least 1")
+        if self.retry_interval_s <= 0:
+            raise ValueError("retry_interval_s must be positive")
 
     @classmethod
     def from_settings(cls, settings: RedisSettings, **overrides: Any) -> OpsFeedConfig:
@@ -68,7 +84,8 @@ class OpsFeedConfig:
         if settings.url is None:
             raise ValueError("redis.url is not set")
         kwargs: dict[str, Any] = {"url": settings.url.get_secret_value(),
-                                  "cluster": settings.cluster}
+                                  "cluster": settings.cluster,
+                                  "retry_interval_s": settings.retry_interval_s}
         return cls(**(kwargs | overrides))
 
     def key(self, name: str) -> str:
@@ -134,12 +151,30 @@ def write_rules(client: RedisClient, rules: RuleSet, prefix: str = DEFAULT_PREFI
         client.publish(prefix + "events", b"rules")
 
 
+class _FeedStats:
+    """Counts shared by all partitions of one feed sink (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, counts: Counter[str]) -> None:
+        with self._lock:
+            self._counts.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in self._counts.items() if v}
+
+
 class _OpsFeedPartition(StatelessSinkPartition[Any]):
     def __init__(self, config: OpsFeedConfig, client: RedisClient,
-                 now_ms: Callable[[], int]) -> None:
+                 now_ms: Callable[[], int], stats: _FeedStats | None = None) -> None:
         self._cfg = config
         self._client = client
         self._now = now_ms
+        self._stats = stats or _FeedStats()
+        self._health = RedisHealth(client, config.retry_interval_s, name="ops-feed")
 
     def write_batch(self, items: list[Any]) -> None:
         if not items:
@@ -147,30 +182,40 @@ class _OpsFeedPartition(StatelessSinkPartition[Any]):
         cfg = self._cfg
         now = self._now()
         pipe = self._client.pipeline(transaction=False)
-        kinds: dict[str, None] = {}
+        kinds: Counter[str] = Counter()
         for item in items:
             if isinstance(item, Push):
                 pipe.xadd(cfg.key("pushes"), {"data": json_dumps(push_summary(item, now))},
                           maxlen=cfg.pushes_maxlen, approximate=True)
-                kinds["pushes"] = None
+                kinds["pushes"] += 1
             elif isinstance(item, Alert):
                 pipe.xadd(cfg.key("alerts"), {"data": json_dumps(item.to_cloudevent())},
                           maxlen=cfg.alerts_maxlen, approximate=True)
-                kinds["alerts"] = None
+                kinds["alerts"] += 1
             elif isinstance(item, dict):
                 data = json_dumps(item)
                 pipe.set(cfg.key("stats"), data)
                 pipe.xadd(cfg.key("stats:history"), {"at": str(now), "data": data},
                           maxlen=cfg.stats_history_maxlen, approximate=True)
-                kinds["stats"] = None
+                kinds["stats"] += 1
         if not kinds:
             return
-        if cfg.publish:  # not pipe.publish: redis-py blocks it in cluster pipelines
-            for kind in kinds:
-                pipe.execute_command("PUBLISH", cfg.key("events"), kind)
-        pipe.execute()
+        if self._health.up:
+            if cfg.publish:  # not pipe.publish: redis-py blocks it in cluster pipelines
+                for kind in kinds:
+                    pipe.execute_command("PUBLISH", cfg.key("events"), kind)
+            try:
+                pipe.execute()
+            except UNAVAILABLE as exc:
+                self._health.mark_down(exc)
+                self._stats.add(Counter({"redis_errors": 1}))
+            else:
+                self._stats.add(Counter({"written": sum(kinds.values())}))
+                return
+        self._stats.add(Counter({f"dropped_{kind}": n for kind, n in kinds.items()}))
 
     def close(self) -> None:
+        self._health.close()
         self._client.close()
 
 
@@ -178,13 +223,24 @@ class OpsFeedOutput(DynamicSink[Any]):
     """Write pushes (summaries), alerts and stats documents to the ops feed.
 
     The same instance may go on the pushes, alerts and stats outputs; every worker
-    makes its own client in :meth:`build`. Items of any other type are ignored.
+    makes its own client in :meth:`build` (with ``client_factory`` if given, e.g.
+    ``lambda: make_client(settings.redis)``). Items of any other type are ignored.
+    While Redis is unreachable the feed is skipped and counted (see the module).
     """
 
-    def __init__(self, config: OpsFeedConfig, now_ms: Callable[[], int] | None = None) -> None:
+    def __init__(self, config: OpsFeedConfig, now_ms: Callable[[], int] | None = None, *,
+                 client_factory: Callable[[], RedisClient] | None = None) -> None:
         self.config = config
         self._now = now_ms or _now_ms
+        self._client_factory = client_factory
+        self._stats = _FeedStats()
+
+    def stats(self) -> dict[str, int]:
+        """Counters that moved: ``written`` (items), ``dropped_<kind>`` (items skipped
+        while Redis was unreachable), ``redis_errors`` (failed batches)."""
+        return self._stats.snapshot()
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _OpsFeedPartition:
-        client = connect(self.config.url, cluster=self.config.cluster)
-        return _OpsFeedPartition(self.config, client, self._now)
+        client = (self._client_factory() if self._client_factory is not None
+                  else connect(self.config.url, cluster=self.config.cluster))
+        return _OpsFeedPartition(self.config, client, self._now, self._stats)

@@ -62,12 +62,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final, TypeAlias
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.typing import EncodableT, FieldT
 
 from flows.codec import json_dumps, json_loads, unpack
@@ -77,11 +85,16 @@ from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
 
 __all__ = [
+    "UNAVAILABLE",
     "RedisClient",
     "RedisGuardStore",
+    "RedisHealth",
     "RedisProfileStore",
+    "client_options",
     "connect",
     "make_client",
+    "redis_options",
+    "run_scripts",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,18 +111,94 @@ _FALSE: Final = frozenset({"0", "false"})
 def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> RedisClient:
     """A client for ``url``: ``redis.cluster.RedisCluster`` if ``cluster``, else ``redis.Redis``.
 
-    A cluster client discovers the other nodes from the one in the URL.
+    A cluster client discovers the other nodes from the one in the URL and reaches
+    them with the same user, password and TLS options. ``kwargs`` go to redis-py;
+    :func:`redis_options` makes the AUTH and TLS ones (``make_client`` does that from
+    the settings). A ``rediss://`` URL is TLS, the server's certificate and host name
+    verified against ``ssl_ca_certs`` (else the system's CAs).
     """
     if cluster:
         return RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
 
 
-def make_client(settings: RedisSettings, **kwargs: Any) -> RedisClient:
-    """The client the ``redis`` settings ask for (``url`` must be set)."""
+def redis_options(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    tls_ca_file: Path | None = None,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
+    names: str = "redis.",
+) -> dict[str, Any]:
+    """redis-py keyword arguments for AUTH (user, password) and TLS, checked against ``url``.
+
+    The TLS files need a ``rediss://`` URL (they never turn TLS on by themselves:
+    a plain ``redis://`` URL with them is refused rather than sent in clear), the
+    client certificate and key go together, and each file must exist. A password in
+    both the URL and the settings, or two different users, is refused (one place only;
+    prefer the settings with ``password_file``). Errors name the setting (``names`` +
+    its name: ``redis.`` for the engine's settings, ``redis_`` for the gateway's), never
+    a secret value.
+    """
+    parts = urlsplit(url)
+    opts: dict[str, Any] = {}
+    if password is not None:
+        if parts.password:
+            raise ValueError("the Redis URL holds a password and so do the settings "
+                             f"({names}password / {names}password_file): give it once")
+        opts["password"] = password
+    if username:
+        if parts.username and unquote(parts.username) != username:
+            raise ValueError(f"the Redis URL names a user and {names}username another one")
+        opts["username"] = username
+    files = {"ssl_ca_certs": ("tls_ca_file", tls_ca_file),
+             "ssl_certfile": ("tls_cert_file", tls_cert_file),
+             "ssl_keyfile": ("tls_key_file", tls_key_file)}
+    given = {kw: (name, path) for kw, (name, path) in files.items() if path is not None}
+    if given and parts.scheme != "rediss":
+        raise ValueError(f"{', '.join(names + n for n, _ in given.values())} set but the "
+                         "Redis URL is not rediss:// (TLS)")
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise ValueError(f"{names}tls_cert_file and {names}tls_key_file go together")
+    for kw, (name, path) in given.items():
+        if not Path(path).is_file():
+            raise ValueError(f"{names}{name} {path} is not a readable file")
+        opts[kw] = str(path)
+    return opts
+
+
+def client_options(settings: RedisSettings) -> dict[str, Any]:
+    """:func:`redis_options` for the ``redis`` settings (``url`` must be set).
+
+    The password is ``password``, else the first line of ``password_file`` (read
+    here, each time a client is made).
+    """
     if settings.url is None:
         raise ValueError("redis.url is not set")
-    return connect(settings.url.get_secret_value(), cluster=settings.cluster, **kwargs)
+    try:
+        password = settings.auth_password()
+    except IndexError:
+        password = ""
+    except OSError as exc:
+        raise ValueError(f"redis.password_file {settings.password_file} cannot be read: "
+                         f"{exc.strerror}") from None
+    if password == "" and settings.password is None:
+        raise ValueError(f"redis.password_file {settings.password_file} is empty")
+    return redis_options(settings.url.get_secret_value(), username=settings.username,
+                         password=password, tls_ca_file=settings.tls_ca_file,
+                         tls_cert_file=settings.tls_cert_file,
+                         tls_key_file=settings.tls_key_file)
+
+
+def make_client(settings: RedisSettings, **kwargs: Any) -> RedisClient:
+    """The client the ``redis`` settings ask for: URL, cluster, AUTH user/password, TLS.
+
+    ``kwargs`` (other redis-py options) are added to :func:`client_options`.
+    """
+    url = settings.url.get_secret_value() if settings.url is not None else ""
+    return connect(url, cluster=settings.cluster, **(client_options(settings) | kwargs))
 
 
 def _text(v: bytes | str) -> str:
@@ -159,6 +248,138 @@ _REPLACE_HASH_LUA: Final = (
 _PROFILE_RTT = REDIS_RTT.labels("profile_get")
 
 
+# --- outages ----------------------------------------------------------------------------
+
+UNAVAILABLE: Final[tuple[type[Exception], ...]] = (
+    redis.ConnectionError,  # refused, reset, LOADING after a restart, AUTH refused, pool full
+    redis.TimeoutError,
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN, too many redirections
+    TryAgainError,  # a slot being migrated
+    ReadOnlyError,  # a replica answering during a failover
+    RedisClusterException,  # no node reachable, slot not covered
+)
+"""What "Redis is unreachable for now" looks like: retrying later may succeed. Any other
+error (a key of the wrong type, a script error) is not an outage and is raised."""
+
+
+class RedisHealth:
+    """Whether a Redis client is reachable, so that callers stop calling it while it is not.
+
+    :meth:`mark_down` (after a command raised one of :data:`UNAVAILABLE`) starts a daemon
+    thread that sends ``PING`` every ``retry_interval_s`` until one succeeds; callers
+    read :attr:`up` instead of paying the client's own retries on every call, and
+    :meth:`wait_up` blocks until Redis answers again. Counts :attr:`errors` (failed
+    commands and probes) and :attr:`outages`. Thread-safe.
+    """
+
+    def __init__(self, client: RedisClient, retry_interval_s: float = 0.5, *,
+                 name: str = "redis") -> None:
+        if retry_interval_s <= 0:
+            raise ValueError("retry_interval_s must be positive")
+        self._client = client
+        self._interval = retry_interval_s
+        self._name = name
+        self._cond = threading.Condition()
+        self._up = True
+        self._since = 0.0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.errors = 0
+        self.outages = 0
+
+    @property
+    def up(self) -> bool:
+        """False from :meth:`mark_down` until a probe gets an answer."""
+        return self._up
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Record a failed command; on the first one of an outage start probing."""
+        with self._cond:
+            self.errors += 1
+            if self._up:
+                self._up = False
+                self._since = time.monotonic()
+                self.outages += 1
+                log.warning("%s: Redis unreachable (%s: %s); probing every %.1f s",
+                            self._name, type(exc).__name__, exc, self._interval)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._probe, daemon=True,
+                                                name=f"touchstream-{self._name}-probe")
+                self._thread.start()
+
+    def wait_up(self, timeout: float | None = None) -> bool:
+        """Block until Redis answers again (or ``timeout``); return :attr:`up`."""
+        with self._cond:
+            if not self._up and not self._closed:
+                self._cond.wait(timeout)
+            return self._up
+
+    def _probe(self) -> None:
+        while True:
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(self._interval)
+                if self._closed:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+            try:
+                self._client.ping()
+            except UNAVAILABLE:
+                with self._cond:
+                    self.errors += 1
+                continue
+            except Exception as exc:  # a probe must not die on an odd reply
+                log.debug("%s: probe failed: %s", self._name, type(exc).__name__)
+                continue
+            with self._cond:
+                self._up = True
+                self._thread = None
+                self._cond.notify_all()
+            log.warning("%s: Redis reachable again after %.1f s", self._name,
+                        time.monotonic() - self._since)
+            return
+
+    def close(self) -> None:
+        """Stop probing (waiters are released; :attr:`up` keeps its last value)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def run_scripts(client: RedisClient, script: str, sha: str,
+                calls: Sequence[Sequence[EncodableT]]) -> list[Any]:
+    """Run ``EVALSHA sha <call...>`` for every call in one pipeline; the replies in order.
+
+    Each call is ``numkeys, *keys, *argv`` (on a cluster, its keys in one slot: the
+    pipeline sends it to that slot's node). If Redis lost the script (restart,
+    failover, ``SCRIPT FLUSH``) it is loaded again (on every primary of a cluster) and
+    only the calls that did not run are sent again. A connection error is raised as is
+    (calls before it may have run: scripts must be safe to run again); a script error
+    reply is raised.
+    """
+    out: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for c in todo:
+            pipe.execute_command("EVALSHA", sha, *calls[c])
+        replies = pipe.execute(raise_on_error=False)
+        retry: list[int] = []
+        for c, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                retry.append(c)  # nothing of this call ran: safe to run again
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                out[c] = reply
+        if not retry:
+            return out
+        client.script_load(script)  # on a cluster: on every primary
+        todo = retry
+    raise RuntimeError("a Lua script could not be loaded")
+
+
 class RedisProfileStore:
     """Profiles in Redis hashes, read through a small bounded TTL cache.
 
@@ -166,6 +387,22 @@ class RedisProfileStore:
     ``cache_ttl_s`` seconds, so a change made in Redis is seen within that time.
     ``put_many`` drops what it wrote from this store's cache. Safe to share between
     threads.
+
+    **While Redis is unreachable** (any of :data:`UNAVAILABLE`) reads do not fail:
+
+    * a customer still in the cache (fresh or expired: an expired entry stays until
+      the LRU bound evicts it) gets that last known profile, counted in
+      :attr:`stale_served`;
+    * a customer never read before (or evicted) has no profile to serve. The read
+      **waits** until Redis answers again (back-pressure on that batch: the worker
+      stops reading until then; nothing is lost, Kafka keeps the input), counted in
+      :attr:`unreachable_waits`. It does not guess an empty profile: that would clear
+      an opt-out and push to a customer who refused pushes.
+
+    After the first failed read, Redis is not called again until a background
+    ``PING`` every ``retry_interval_s`` gets an answer (:class:`RedisHealth`), so the
+    flow does not pay the client's connection retries on every batch. ``put_many`` is
+    a write an operator asked for: it raises as before.
     """
 
     def __init__(
@@ -176,6 +413,7 @@ class RedisProfileStore:
         *,
         prefix: str = "profile:",
         max_cached: int = 100_000,
+        retry_interval_s: float = 0.5,
     ) -> None:
         self._client = client
         self._ttl = cache_ttl_s
@@ -184,13 +422,24 @@ class RedisProfileStore:
         self._max = max_cached
         self._cache: OrderedDict[str, tuple[float, Profile]] = OrderedDict()
         self._lock = threading.Lock()
+        self.health = RedisHealth(client, retry_interval_s, name="profiles")
+        self._retry_s = retry_interval_s
         self.bad_profiles = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.stale_served = 0
+        self.unreachable_waits = 0
 
     def key(self, customer_id: str) -> str:
         """The Redis key of a customer's profile hash."""
         return self._prefix + customer_id
+
+    def stats(self) -> dict[str, int]:
+        """Cache and outage counters (``redis_errors``: failed reads and probes)."""
+        return {"cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
+                "bad_profiles": self.bad_profiles, "stale_served": self.stale_served,
+                "unreachable_waits": self.unreachable_waits,
+                "redis_errors": self.health.errors}
 
     # -- cache --------------------------------------------------------------------
 
@@ -202,6 +451,15 @@ class RedisProfileStore:
                 return None
             self._cache.move_to_end(customer_id)
             self.cache_hits += 1
+            return entry[1]
+
+    def _stale(self, customer_id: str) -> Profile | None:
+        """The last profile read for this customer, however old (None if never/evicted)."""
+        with self._lock:
+            entry = self._cache.get(customer_id)
+            if entry is None:
+                return None
+            self.stale_served += 1
             return entry[1]
 
     def _remember(self, profile: Profile, now: float) -> None:
@@ -222,18 +480,65 @@ class RedisProfileStore:
             log.warning("unreadable profile hash %s: %s", self.key(customer_id), exc)
             return Profile(customer_id)
 
+    def _fetch(self, customer_ids: Sequence[str]) -> list[Mapping[bytes | str, bytes | str]]:
+        """The raw hashes, one command for one id, else one pipeline (raises if down)."""
+        if len(customer_ids) == 1:
+            return [self._client.hgetall(self.key(customer_ids[0]))]
+        pipe = self._client.pipeline(transaction=False)
+        for cid in customer_ids:
+            pipe.hgetall(self.key(cid))
+        t0 = time.perf_counter()
+        replies = pipe.execute()
+        _PROFILE_RTT.observe(time.perf_counter() - t0)
+        return replies
+
+    def _load(self, customer_ids: Sequence[str], now: float) -> dict[str, Profile]:
+        """Read uncached profiles; while Redis is down serve stale ones, wait for the rest."""
+        out: dict[str, Profile] = {}
+        todo = customer_ids
+        waited = False
+        while True:
+            if self.health.up:
+                try:
+                    replies = self._fetch(todo)
+                except UNAVAILABLE as exc:
+                    self.health.mark_down(exc)
+                else:
+                    for cid, raw in zip(todo, replies, strict=True):
+                        profile = self._decode(cid, raw)
+                        self._remember(profile, now)
+                        out[cid] = profile
+                    return out
+            rest: list[str] = []
+            for cid in todo:
+                stale = self._stale(cid)
+                if stale is None:
+                    rest.append(cid)
+                else:
+                    out[cid] = stale
+            if not rest:
+                return out
+            todo = rest
+            if not waited:
+                waited = True
+                with self._lock:
+                    self.unreachable_waits += 1
+                log.warning("profiles: %d customer(s) never read before; waiting for Redis",
+                            len(rest))
+            self.health.wait_up(self._retry_s)
+
     # -- ProfileStore ---------------------------------------------------------------
 
     def get(self, customer_id: str) -> Profile:
-        """The customer's profile, or the empty profile (also for an unreadable hash)."""
+        """The customer's profile, or the empty profile (also for an unreadable hash).
+
+        While Redis is unreachable: the last known profile, or wait (see the class).
+        """
         now = self._now()
         hit = self._cached(customer_id, now)
         if hit is not None:
             return hit
-        raw = self._client.hgetall(self.key(customer_id))
-        profile = self._decode(customer_id, raw)
-        self._remember(profile, now)
-        return profile
+        return self._load([customer_id], now)[customer_id]
 
     def get_many(self, customer_ids: Iterable[str]) -> dict[str, Profile]:
         """Profiles for many customers; all cache misses are fetched in one pipeline."""
@@ -249,16 +554,7 @@ class RedisProfileStore:
             else:
                 out[cid] = hit
         if missing:
-            pipe = self._client.pipeline(transaction=False)
-            for cid in missing:
-                pipe.hgetall(self.key(cid))
-            t0 = time.perf_counter()
-            replies = pipe.execute()
-            _PROFILE_RTT.observe(time.perf_counter() - t0)
-            for cid, raw in zip(missing, replies, strict=True):
-                profile = self._decode(cid, raw)
-                self._remember(profile, now)
-                out[cid] = profile
+            out.update(self._load(list(missing), now))
         return out
 
     def prefetch(self, customer_ids: Iterable[str]) -> None:
@@ -296,6 +592,10 @@ class RedisProfileStore:
         """Forget every cached profile."""
         with self._lock:
             self._cache.clear()
+
+    def close(self) -> None:
+        """Stop probing an unreachable Redis (the client is the caller's to close)."""
+        self.health.close()
 
 
 # --- guards ---------------------------------------------------------------------------
@@ -444,6 +744,11 @@ class RedisGuardStore:
     calls of one :meth:`admit`, which changes nothing about correctness. If Redis
     lost the script (restart, failover, ``SCRIPT FLUSH``) it is loaded again (on every
     primary of a cluster) and only the calls that did not run are sent again.
+
+    A connection error is raised (the push sink holds the batch and asks again, see
+    ``connectors.redis_push``): calls that ran before the connection dropped have
+    recorded their push ids, so asking again answers ``duplicate`` for them and
+    counts nothing twice against a cap or a once key.
     """
 
     def __init__(
@@ -500,7 +805,7 @@ class RedisGuardStore:
         return calls
 
     def _call_args(self, requests: Sequence[GuardRequest], part: list[int]) -> list[EncodableT]:
-        """EVALSHA arguments (sha, numkeys, keys, argv) for the requests ``part``."""
+        """EVALSHA arguments after the sha (numkeys, keys, argv) for the requests ``part``."""
         groups: list[tuple[str, list[GuardRequest]]] = []  # runs of one customer
         for i in part:
             r = requests[i]
@@ -523,7 +828,7 @@ class RedisGuardStore:
                     r.cap,
                     r.cap_window_ms,
                 ]
-        return [_ADMIT_SHA, len(keys), *keys, *argv]
+        return [len(keys), *keys, *argv]
 
     def admit(self, requests: Sequence[GuardRequest]) -> list[Decision]:
         """Decide each request in order; an admitted one is recorded before the next."""
@@ -531,25 +836,8 @@ class RedisGuardStore:
             return []
         calls = self._plan(requests)
         out: list[Decision] = ["ok"] * len(requests)  # every index is set exactly once
-        todo = list(range(len(calls)))
-        for _attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for c in todo:
-                pipe.execute_command("EVALSHA", *calls[c][1])
-            replies = pipe.execute(raise_on_error=False)
-            retry: list[int] = []
-            for c, reply in zip(todo, replies, strict=True):
-                if isinstance(reply, NoScriptError):
-                    retry.append(c)  # nothing of this call ran: safe to run again
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    for i, code in zip(calls[c][0], reply, strict=True):
-                        out[i] = _DECISIONS[int(code)]
-            if not retry:
-                break
-            self._client.script_load(_ADMIT_LUA)  # on a cluster: on every primary
-            todo = retry
-        else:
-            raise RuntimeError("the guard script could not be loaded")
+        replies = run_scripts(self._client, _ADMIT_LUA, _ADMIT_SHA, [c[1] for c in calls])
+        for (idx, _args), reply in zip(calls, replies, strict=True):
+            for i, code in zip(idx, reply, strict=True):
+                out[i] = _DECISIONS[int(code)]
         return out

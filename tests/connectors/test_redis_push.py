@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -14,19 +19,24 @@ import redis
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main, run_main
 from pydantic import SecretStr
+from redis.crc import key_slot
 
 from connectors.redis_push import (
     GuardSpec,
     RedisPushConfig,
     RedisPushOutput,
+    _held_line,
+    _read_spool,
     _RedisPushPartition,
+    marker_key,
     read_channel,
 )
 from flows.codec import json_dumps, json_loads
 from flows.model import Push, PushGuard
 from flows.settings import RedisSettings
-from state.guards import InMemoryGuardStore
+from state.guards import GuardRequest, InMemoryGuardStore
 from state.redis_store import RedisGuardStore
+from tests.faults.redis_server import PersistentRedis, fast_client
 from tests.flows.helpers import MIN, H, Harness, click, location, profile, rules_with
 
 T0 = 1_700_000_000_000
@@ -85,6 +95,14 @@ def test_config_from_settings_and_repr_hides_url() -> None:
         RedisSettings(url=SecretStr("redis://h:1/0"), cluster=True)
     ).cluster
     assert "secret" not in repr(cfg)
+    assert (cfg.max_held_effects, cfg.retry_interval_s, cfg.spool_dir) == (10_000, 0.5, None)
+    held = RedisPushConfig.from_settings(
+        RedisSettings(url=SecretStr("redis://h:1/0"), max_held_effects=7, retry_interval_s=2),
+        spool_dir=Path("/var/lib/ts/redis-held"))
+    assert (held.max_held_effects, held.retry_interval_s, held.spool_dir) == (
+        7, 2.0, Path("/var/lib/ts/redis-held"))
+    with pytest.raises(ValueError, match="max_held_effects"):
+        RedisPushConfig(url="redis://x", max_held_effects=0)
     with pytest.raises(ValueError, match="url"):
         RedisPushConfig.from_settings(RedisSettings())
     with pytest.raises(ValueError, match="maxlen"):
@@ -111,7 +129,12 @@ def test_flow_writes_push_json_to_channel_streams(redis_url: str, r: redis.Redis
     assert entries(r, "terminal:T1") == [json_dumps(p.to_dict()) for p in term]
     assert entries(r, "customer:C1") == [json_dumps(p.to_dict()) for p in cust]
     assert json_loads(entries(r, "terminal:T1")[0]) == term[0].to_dict()
-    assert sorted(k.decode() for k in r.keys("*")) == ["push:customer:C1", "push:terminal:T1"]
+    # the streams, and one delivery marker per push in its stream's slot
+    assert sorted(k.decode() for k in r.keys("*")) == sorted(
+        ["push:customer:C1", "push:terminal:T1"]
+        + [f"guard:{{push:terminal:T1}}:sent:{p.push_id}" for p in term]
+        + [f"guard:{{push:customer:C1}}:sent:{p.push_id}" for p in cust])
+    assert 7 * 24 * 3600 < r.ttl("guard:{push:terminal:T1}:sent:p0") <= 7 * 24 * 3600 + 3600
     assert sink.stats() == {"written": 5}
 
 
@@ -461,3 +484,223 @@ def test_engine_restart_with_fresh_state_cannot_repeat_a_once_push(
         "setup-first"]
     assert [json_loads(d)["rule_id"] for d in entries(r, f"customer:{CID}")] == [
         "cinema-pay", "cinema-pay"]
+
+
+# --- exactly once across connection drops, and Redis outages ----------------------------
+
+
+def test_marker_key_shares_the_stream_slot() -> None:
+    assert marker_key("push:terminal:T1", "p1") == "guard:{push:terminal:T1}:sent:p1"
+    odd = ["push:terminal:T1", "push:customer:{C9}", "push:a}b", "push:a{b", "push:{}x}y",
+           "push:}{", "push:{", "push:x{}"]
+    for stream in odd:
+        m = marker_key(stream, "p1")
+        assert m.startswith("guard:{") and not m.startswith("push:")
+        assert key_slot(m.encode()) == key_slot(stream.encode()), stream
+
+
+def test_held_push_record_round_trips_and_torn_lines_are_skipped(tmp_path: Path) -> None:
+    pushes = [push(1, guard=ONCE), push(2), push(3, guard=CAP3)]
+    path = tmp_path / "push-held-0.jsonl"
+    path.write_bytes(b"".join(_held_line(p) for p in pushes) + _held_line(push(4))[:25])
+    assert _read_spool(path) == pushes  # guards included; the torn tail is skipped
+
+
+@integration
+def test_admitted_but_not_appended_is_appended_once(redis_url: str, r: redis.Redis) -> None:
+    """The two round trips of a batch (guard, append) interrupted in between, or after
+    the append with the reply lost: sending the batch again delivers each push once."""
+    cfg = RedisPushConfig(url=redis_url)
+    sink = RedisPushOutput(cfg, guard=RedisGuardStore)
+    part = sink.build("s", 0, 1)
+    pushes = [push(i, guard=CAP3) for i in range(3)]
+    # 1. the guard admitted p0 and p1, then the connection dropped before the append
+    guard = RedisGuardStore(r)
+    assert guard.admit([GuardRequest.for_push(p) for p in pushes[:2]]) == ["ok", "ok"]
+    part.write_batch(pushes)  # sent again: p0/p1 are "duplicate" for the guard
+    assert [json_loads(d)["push_id"] for d in entries(r, "terminal:T1")] == ["p0", "p1", "p2"]
+    assert sink.stats() == {"written": 3}
+    assert guard.record("C1")["sent"] == [T0, T0 + 1, T0 + 2]  # the cap counted each once
+    # 2. everything ran, the replies were lost: sent again, nothing is appended twice
+    part.write_batch(pushes)
+    assert r.xlen("push:terminal:T1") == 3
+    assert sink.stats() == {"written": 3, "duplicate": 3}
+    part.close()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A persistent redis-server of this test alone, to stop and start again."""
+    server = PersistentRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def outage_sink(url: str, **kw: Any) -> RedisPushOutput:
+    cfg = RedisPushConfig(url=url, retry_interval_s=0.05, **kw)
+    return RedisPushOutput(cfg, guard=RedisGuardStore, client_factory=lambda: fast_client(url))
+
+
+@integration
+def test_outage_holds_pushes_and_delivers_them_in_order_once(
+    own_redis: PersistentRedis,
+) -> None:
+    sink = outage_sink(own_redis.url)
+    part = sink.build("s", 0, 1)
+    part.write_batch([push(i) for i in range(3)])
+    own_redis.stop()
+    part.write_batch([push(3), push(4)])  # returns: held, not raised
+    part.write_batch([push(5), push(6, channel="customer:C1")])
+    assert sink.stats()["held"] == 4
+    assert sink.stats()["redis_errors"] >= 1
+    time.sleep(0.3)  # the retry thread keeps failing meanwhile
+    assert sink.stats()["held"] == 4
+    own_redis.start()
+    # no new push arrives: the retry thread alone delivers what was held
+    assert wait_until(lambda: sink.stats()["held"] == 0)
+    r = fast_client(own_redis.url)
+    assert [json_loads(d)["push_id"] for d in entries(r, "terminal:T1")] == [
+        f"p{i}" for i in range(6)]
+    assert [json_loads(d)["push_id"] for d in entries(r, "customer:C1")] == ["p6"]
+    stats = sink.stats()
+    assert (stats["written"], stats["held_total"], stats["held_max"]) == (7, 4, 4)
+    assert "lost" not in stats and "backpressure" not in stats
+    part.write_batch([push(7)])  # back to writing directly
+    assert r.xlen("push:terminal:T1") == 7
+    part.close()
+    r.close()
+
+
+@integration
+def test_full_hold_applies_backpressure_and_never_drops(own_redis: PersistentRedis) -> None:
+    sink = outage_sink(own_redis.url, max_held_effects=5)
+    part = sink.build("s", 0, 1)
+    own_redis.stop()
+    part.write_batch([push(i) for i in range(4)])  # held: 4 of 5
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write_more() -> None:
+        try:
+            part.write_batch([push(i) for i in range(4, 8)])  # 1 fits, 3 wait
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    writer = threading.Thread(target=write_more)
+    writer.start()
+    assert wait_until(lambda: sink.stats().get("backpressure") == 1, 5)
+    assert not done.wait(1.0)  # write_batch blocks while Redis is down and the hold is full
+    assert sink.stats()["held"] == 5  # at the bound, nothing dropped
+    own_redis.start()
+    assert done.wait(20)
+    writer.join()
+    assert not errors
+    assert wait_until(lambda: sink.stats()["held"] == 0)
+    r = fast_client(own_redis.url)
+    assert [json_loads(d)["push_id"] for d in entries(r, "terminal:T1")] == [
+        f"p{i}" for i in range(8)]
+    stats = sink.stats()
+    assert stats["written"] == 8 and stats["held_max"] == 5 and stats["held_total"] == 8
+    assert stats["backpressure_ms"] >= 1000
+    part.close()
+    r.close()
+
+
+_KILLED_WORKER = """
+import os, signal, sys
+from pathlib import Path
+from connectors.redis_push import RedisPushConfig, RedisPushOutput
+from state.redis_store import RedisGuardStore
+from tests.connectors.test_redis_push import push
+from tests.faults.redis_server import fast_client
+url, spool = sys.argv[1], Path(sys.argv[2])
+cfg = RedisPushConfig(url=url, retry_interval_s=0.05, spool_dir=spool)
+part = RedisPushOutput(cfg, guard=RedisGuardStore,
+                       client_factory=lambda: fast_client(url)).build("s", 1, 2)
+part.write_batch([push(i) for i in range(2)])     # Redis up: written
+input()                                           # the test stops Redis
+part.write_batch([push(i) for i in range(2, 5)])  # held, and in the spool
+print("held", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)              # the epoch counts as done: no replay
+"""
+
+
+@integration
+def test_spooled_hold_survives_sigkill(own_redis: PersistentRedis, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, own_redis.url, str(spool)],
+                            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdin is not None and proc.stdout is not None
+    r = fast_client(own_redis.url)
+    assert wait_until(lambda: r.exists("push:terminal:T1") == 1, 30)
+    own_redis.stop()
+    proc.stdin.write(b"\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"held\n"
+    assert proc.wait(30) == -signal.SIGKILL
+    assert len(_read_spool(spool / "push-held-1.jsonl")) == 3
+
+    own_redis.start()
+    # the restarted flow has one worker: worker 0 adopts worker 1's spool
+    sink = outage_sink(own_redis.url, spool_dir=spool)
+    part = sink.build("s", 0, 1)
+    assert not (spool / "push-held-1.jsonl").exists()
+    assert wait_until(lambda: sink.stats()["held"] == 0)
+    assert sink.stats()["restored"] == 3
+    assert (spool / "push-held-0.jsonl").read_bytes() == b""  # truncated once delivered
+    part.write_batch([push(i) for i in range(5)])  # an input replay on top: duplicates
+    assert [json_loads(d)["push_id"] for d in entries(r, "terminal:T1")] == [
+        f"p{i}" for i in range(5)]
+    assert sink.stats()["duplicate"] == 5
+    part.close()
+    r.close()
+
+
+@integration
+def test_close_keeps_what_is_held_in_the_spool(own_redis: PersistentRedis,
+                                               tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    sink = outage_sink(own_redis.url, spool_dir=spool, close_timeout_s=0.2)
+    part = sink.build("s", 0, 1)
+    own_redis.stop()
+    part.write_batch([push(i) for i in range(3)])
+    part.close()  # Redis still down: kept on disk, not lost
+    assert "lost" not in sink.stats()
+    assert _read_spool(spool / "push-held-0.jsonl") == [push(i) for i in range(3)]
+    no_spool = outage_sink(own_redis.url, close_timeout_s=0.2)
+    part = no_spool.build("s", 0, 1)
+    part.write_batch([push(9)])
+    part.close()
+    assert no_spool.stats()["lost"] == 1  # said, counted and logged, never silent
+
+
+@integration
+def test_an_error_that_is_not_an_outage_fails_the_flow(own_redis: PersistentRedis) -> None:
+    """A held push whose stream key holds a string (WRONGTYPE) is not retried forever
+    nor dropped: the next write_batch raises, as a direct write would have."""
+    r = fast_client(own_redis.url)
+    r.set("push:terminal:BAD", "not a stream")  # kept across the restart (append-only file)
+    sink = outage_sink(own_redis.url)
+    part = sink.build("s", 0, 1)
+    own_redis.stop()
+    part.write_batch([push(1, channel="terminal:BAD")])
+    own_redis.start()
+    assert wait_until(lambda: part._fatal is not None)
+    with pytest.raises(RuntimeError, match="held pushes"):
+        part.write_batch([push(2)])
+    assert sink.stats()["held"] == 1 and "written" not in sink.stats()
+    part.close()
+    r.close()

@@ -6,6 +6,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from flows.codec import pack, unpack
 from flows.model import Profile
 from state.guards import FOREVER_MS, Decision, GuardRequest, InMemoryGuardStore
 from state.redis_store import RedisGuardStore, RedisProfileStore
+from tests.faults.redis_server import PersistentRedis, fast_client
 
 pytestmark = pytest.mark.integration
 
@@ -450,3 +452,52 @@ def test_guard_once_key_is_atomic_under_concurrency(redis_url: str) -> None:
         c.close()
     assert out.count("ok") == 20  # one per customer
     assert out.count("once") == 7 * 20
+
+
+# --- profiles while Redis is unreachable -------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A persistent redis-server of this test alone, to stop and start again."""
+    server = PersistentRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_outage_serves_last_known_profiles_and_waits_for_unknown_ones(
+    own_redis: PersistentRedis,
+) -> None:
+    clock = Clock()
+    c = fast_client(own_redis.url)
+    store = RedisProfileStore(c, cache_ttl_s=5.0, now=clock, retry_interval_s=0.05)
+    store.put_many([Profile("C1", segment="gold"), Profile("C2", opt_out=True)])
+    assert store.get_many(["C1"]) == {"C1": Profile("C1", segment="gold")}
+    own_redis.stop()
+
+    clock.t += 60  # the cached copy has expired: it is still what we know
+    assert store.get("C1") == Profile("C1", segment="gold")
+    assert store.get_many(["C1", "C1"]) == {"C1": Profile("C1", segment="gold")}
+    assert store.stale_served == 2
+    assert not store.health.up and store.health.outages == 1
+
+    # C2 was never read here: no guess (an empty profile would clear the opt-out), wait
+    got: list[Profile] = []
+    reader = threading.Thread(target=lambda: got.append(store.get("C2")))
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive() and not got
+    assert store.unreachable_waits == 1
+    own_redis.start()  # same data (append-only file)
+    reader.join(15)
+    assert got == [Profile("C2", opt_out=True)]
+    assert store.health.up
+    clock.t += 60
+    store.prefetch(["C1", "C3"])  # reads from Redis again
+    assert store.stats() | {"redis_errors": 0} == {
+        "cache_hits": 0, "cache_misses": 6, "bad_profiles": 0, "stale_served": 2,
+        "unreachable_waits": 1, "redis_errors": 0}
+    assert store.stats()["redis_errors"] >= 1
+    store.close()
+    c.close()
