@@ -26,20 +26,41 @@ CloudEvents id (identical on every retry, so receivers can drop repeats),
 ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` keyed with the
 base64-decoded part of the ``whsec_`` secret. Secrets, signatures and URL paths
 (Slack webhook URLs are credentials) are never logged.
+
+**Durable outbox.** With ``outbox_dir``, each worker partition journals its (target,
+alert) pairs to ``outbox_dir/worker-<index>.log`` and fsyncs the journal once per
+``write_batch`` before returning, so an alert handed to the sink survives a SIGKILL
+(Bytewax commits the epoch once ``write_batch`` returned and will not replay it). The
+sender appends a *done* record after each outcome (delivered or dead-lettered). On
+:meth:`~WebhookOutput.build` after a restart, entries without a done record are sent
+again (same ``webhook-id``), and a replayed alert (Bytewax replays the epochs after
+the last snapshot, with the same CloudEvents id) whose (target, id) is pending or done
+is not sent a second time. There is no ``queue_full`` spill then: the journal holds
+whatever the sender has not reached; ``queue_size`` only bounds how many pending
+alerts are kept decoded in memory (the rest are re-read from the journal by offset),
+and ``close()`` leaves undelivered alerts in the journal for the next start instead of
+dead-lettering them as ``shutdown``. One more dead-letter reason exists with an
+outbox: ``target_removed``, a pending entry whose target is no longer configured.
+See :class:`WebhookOutput` for the bounds.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
+import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -51,7 +72,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import SecretStr
 
 from flows import metrics
-from flows.codec import EncodeError, json_dumps, json_loads
+from flows.codec import DecodeError, EncodeError, json_dumps, json_loads
 from flows.model import Alert, ms_to_rfc3339
 from flows.settings import WebhookTarget
 
@@ -70,6 +91,7 @@ _SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - a prefix, not a secret
 _PD_SEVERITIES: Final = frozenset({"critical", "error", "warning", "info"})
 _USER_AGENT: Final = "touchstream-webhook/0.1"
 _POLL_S: Final = 0.05
+_COUNT_NAMES: Final = ("sent", "retried", "failed", "spilled", "duplicates")
 
 
 # --- public configuration -------------------------------------------------------------
@@ -203,13 +225,17 @@ class WebhookCounts:
 
     ``retried`` counts retry attempts (not alerts); ``failed`` alerts dead-lettered
     after trying (or at shutdown); ``spilled`` alerts dead-lettered because the queue
-    was full. Every alert routed to a target ends in ``sent + failed + spilled``.
+    was full. Every alert routed to a target ends in ``sent + failed + spilled``, or,
+    with an outbox, stays pending in the journal for the next start. ``duplicates``
+    counts alerts handed to the sink again (a Bytewax replay) whose (target, id) the
+    outbox already held, pending or done: they are not sent again.
     """
 
     sent: int = 0
     retried: int = 0
     failed: int = 0
     spilled: int = 0
+    duplicates: int = 0
 
 
 def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -242,6 +268,23 @@ class WebhookOutput(DynamicSink[Alert]):
     is closed by the partition); by default a plain ``httpx.Client()`` per partition.
     ``sleep`` (default: an interruptible wait), ``rng`` and ``clock`` (monotonic
     seconds, for the retry budget) are injectable for tests.
+
+    ``outbox_dir`` turns on the durable outbox (see the module docstring): one journal
+    per worker, ``worker-<index>.log``, guarded by an exclusive ``flock`` on
+    ``worker-<index>.lock`` (two live processes cannot share one journal). The journal
+    is compacted (pending entries plus the remembered done ids, written to a temporary
+    file, fsynced and renamed over the journal) by the sender thread when it is larger
+    than ``outbox_max_bytes`` and more than half of it is no longer needed (so, when
+    pending entries alone exceed ``outbox_max_bytes``, the journal grows with them
+    rather than being rewritten again and again). Done ids are remembered for dedup up to
+    ``outbox_done_keep`` (most recent first) and ``outbox_done_ttl_s``: a replay of an
+    alert older than both is sent again (with the same ``webhook-id``). In memory a
+    partition keeps one ~100-byte record per pending entry and an 8-byte hash per
+    remembered done id (about 10 MB at the 100,000 default), plus at most
+    ``queue_size`` decoded alerts. Done records are written without fsync (they
+    survive a process kill, not a power cut: after one, an alert may be sent again
+    with the same ``webhook-id``). When the worker count shrinks on a restart, journals
+    of workers that no longer exist are adopted by worker ``index % worker_count``.
     """
 
     def __init__(
@@ -257,14 +300,24 @@ class WebhookOutput(DynamicSink[Alert]):
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outbox_dir: Path | None = None,
+        outbox_max_bytes: int = 64 * 1_048_576,
+        outbox_done_keep: int = 100_000,
+        outbox_done_ttl_s: float = 86_400.0,
     ) -> None:
-        """Validate the targets; no client or thread is made until :meth:`build`."""
+        """Validate the targets; no client, thread or file is made until :meth:`build`."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         if drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must not be negative")
+        if outbox_max_bytes < 1:
+            raise ValueError("outbox_max_bytes must be positive")
+        if outbox_done_keep < 0:
+            raise ValueError("outbox_done_keep must not be negative")
+        if outbox_done_ttl_s <= 0:
+            raise ValueError("outbox_done_ttl_s must be positive")
         self.targets: tuple[_Target, ...] = tuple(
             _Target.from_setting(i, t) for i, t in enumerate(targets)
         )
@@ -277,16 +330,19 @@ class WebhookOutput(DynamicSink[Alert]):
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
+        self.outbox_dir = Path(outbox_dir) if outbox_dir is not None else None
+        self.outbox_max_bytes = outbox_max_bytes
+        self.outbox_done_keep = outbox_done_keep
+        self.outbox_done_ttl_s = outbox_done_ttl_s
         self._counts_lock = threading.Lock()
         self._counts: dict[str, dict[str, int]] = {}
+        self._outboxes: list[_Outbox] = []
 
     # counters -----------------------------------------------------------------------
 
     def _count(self, url: str, name: str, n: int = 1) -> None:
         with self._counts_lock:
-            c = self._counts.setdefault(
-                url, {"sent": 0, "retried": 0, "failed": 0, "spilled": 0}
-            )
+            c = self._counts.setdefault(url, dict.fromkeys(_COUNT_NAMES, 0))
             c[name] += n
 
     def stats(self) -> dict[str, WebhookCounts]:
@@ -296,26 +352,57 @@ class WebhookOutput(DynamicSink[Alert]):
 
     def total(self) -> WebhookCounts:
         """Counters summed over all targets."""
-        out = {"sent": 0, "retried": 0, "failed": 0, "spilled": 0}
+        out = dict.fromkeys(_COUNT_NAMES, 0)
         with self._counts_lock:
             for c in self._counts.values():
                 for k, v in c.items():
                     out[k] += v
         return WebhookCounts(**out)
 
+    def outbox_pending(self) -> int:
+        """Entries journaled but not yet done, over this process's open partitions."""
+        with self._counts_lock:
+            outboxes = list(self._outboxes)
+        return sum(o.pending_count() for o in outboxes)
+
     # bytewax ------------------------------------------------------------------------
 
     def build(
         self, step_id: str, worker_index: int, worker_count: int
     ) -> StatelessSinkPartition[Alert]:
-        """Make this worker's client, queue and sender thread."""
-        if isinstance(self._client, httpx.Client):
-            client, owned = self._client, False
-        elif self._client is None:
-            client, owned = httpx.Client(), True
-        else:
-            client, owned = self._client(), True
-        return _WebhookPartition(self, client, owned, f"{step_id}-{worker_index}")
+        """Make this worker's client, queue (or outbox journal) and sender thread.
+
+        With an outbox, this reads the worker's journal (a restart): entries not done
+        are queued again, and done or pending ids are remembered for dedup.
+        """
+        outbox: _Outbox | None = None
+        if self.outbox_dir is not None:
+            outbox = _Outbox(self.outbox_dir, worker_index, worker_count, self.targets,
+                             max_bytes=self.outbox_max_bytes, window=self.queue_size,
+                             done_keep=self.outbox_done_keep,
+                             done_ttl_s=self.outbox_done_ttl_s)
+        try:
+            if isinstance(self._client, httpx.Client):
+                client, owned = self._client, False
+            elif self._client is None:
+                client, owned = httpx.Client(), True
+            else:
+                client, owned = self._client(), True
+        except BaseException:
+            if outbox is not None:
+                outbox.close()
+            raise
+        name = f"{step_id}-{worker_index}"
+        if outbox is None:
+            return _WebhookPartition(self, client, owned, name)
+        with self._counts_lock:
+            self._outboxes.append(outbox)
+        return _OutboxPartition(self, client, owned, name, outbox)
+
+    def _forget_outbox(self, outbox: _Outbox) -> None:
+        with self._counts_lock:
+            if outbox in self._outboxes:
+                self._outboxes.remove(outbox)
 
 
 # --- private ----------------------------------------------------------------------------
@@ -338,6 +425,11 @@ def _sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
+def _target_key(url: str) -> str:
+    """16 hex digits naming a target in the journal (not the URL: it may be a secret)."""
+    return hashlib.blake2b(url.encode("utf-8"), digest_size=8).hexdigest()
+
+
 def _mask_url(url: str) -> str:
     """``scheme://host[:port]/…``: never the path, query or user info (may be secrets)."""
     try:
@@ -353,6 +445,7 @@ def _mask_url(url: str) -> str:
 class _Target:
     index: int
     url: str
+    key: str  # a hash of the url: names the target in the outbox journal
     masked: str
     types: frozenset[str]
     body: str
@@ -386,6 +479,7 @@ class _Target:
         return cls(
             index=index,
             url=t.url,
+            key=_target_key(t.url),
             masked=_mask_url(t.url),
             types=frozenset(t.types),
             body=t.body,
@@ -577,7 +671,14 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
             finally:
                 q.task_done()
 
-    def _deliver(self, target: _Target, alert: Alert) -> None:
+    def _deliver(
+        self, target: _Target, alert: Alert, *, keep_on_abort: bool = False
+    ) -> str | None:
+        """Send with retries: ``"sent"``, or the reason it was dead-lettered.
+
+        With ``keep_on_abort`` (the outbox), a delivery interrupted by ``close()``
+        is neither sent nor dead-lettered: None (it stays pending in the journal).
+        """
         sink = self._sink
         policy = sink.retry
         try:
@@ -586,12 +687,14 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
             logger.error("webhook alert %s cannot be encoded: %s", alert.id, exc)
             sink._count(target.url, "failed")
             self._dead_letter(alert, target, "encode_error", None, attempts=0, error=str(exc))
-            return
+            return "encode_error"
         deadline = sink._clock() + policy.budget_s
         attempts = 0
         last: _Outcome | None = None
         while True:
             if self._abort.is_set():
+                if keep_on_abort:
+                    return None
                 reason = "shutdown"
                 break
             attempts += 1
@@ -599,7 +702,7 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
             if last.ok:
                 sink._count(target.url, "sent")
                 metrics.WEBHOOK_SENT.labels(str(target.index)).inc()
-                return
+                return "sent"
             if not last.retryable:
                 reason = "rejected"
                 break
@@ -635,6 +738,7 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
         )
         sink._count(target.url, "failed")
         self._dead_letter(alert, target, reason, status, attempts=attempts, error=error)
+        return reason
 
     def _attempt(
         self, target: _Target, msg_id: str, body: bytes, content_type: str
@@ -690,3 +794,574 @@ class _WebhookPartition(StatelessSinkPartition[Alert]):
                 target.masked,
                 reason,
             )
+
+
+# --- the durable outbox -------------------------------------------------------------------
+
+
+def _pair_key(target_key: str, alert_id: str) -> int:
+    """The 64-bit dedup key of one (target, alert id) pair."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(target_key.encode("utf-8"))
+    h.update(b"\x1f")
+    h.update(alert_id.encode("utf-8"))
+    return int.from_bytes(h.digest(), "big")
+
+
+def _frame(doc: dict[str, Any]) -> bytes:
+    """One journal line: ``<crc32 of the JSON, 8 hex digits> <JSON>\\n``."""
+    payload = json_dumps(doc)
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+def _unframe(line: bytes) -> dict[str, Any] | None:
+    """The record of one journal line (without its newline), or None if damaged."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        return None
+    payload = line[9:]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        doc = json_loads(payload)
+    except DecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _alert_doc(alert: Alert) -> dict[str, Any]:
+    return {"id": alert.id, "type": alert.type, "source": alert.source,
+            "time_ms": alert.time_ms, "subject": alert.subject, "data": alert.data}
+
+
+def _alert_from(doc: object) -> Alert | None:
+    if not isinstance(doc, dict):
+        return None
+    fields = (doc.get("id"), doc.get("type"), doc.get("source"), doc.get("subject"))
+    time_ms, data = doc.get("time_ms"), doc.get("data")
+    if not all(isinstance(f, str) for f in fields) or type(time_ms) is not int \
+            or not isinstance(data, dict):
+        return None
+    return Alert(id=doc["id"], type=doc["type"], source=doc["source"], time_ms=time_ms,
+                 subject=doc["subject"], data=data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_LOCK_WAIT_S = 5.0  # how long build() waits for another holder of a journal to let go
+
+
+def _lock_file(path: Path) -> int:
+    """An exclusive ``flock`` on ``path`` (released when the process dies)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"webhook outbox {path} is locked by another live process or partition"
+                ) from None
+            time.sleep(0.05)
+
+
+def _unlock_file(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _journal_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(offset, line with its newline, if it has one) for each line of ``path``."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            yield offset, line
+            offset += len(line)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One journaled (target, alert) pair not yet done."""
+
+    target_key: str
+    target: _Target | None  # None: no configured target has this key any more
+    alert_id: str
+    offset: int  # of its journal line
+    length: int
+    alert: Alert | None  # decoded, when inside the in-memory window
+
+
+class _Outbox:
+    """One worker's append-only journal of (target, alert) entries and done records.
+
+    Records (one per line, see :func:`_frame`):
+    ``{"k": "e", "t": target key, "a": alert}`` an entry;
+    ``{"k": "d", "h": pair hash (16 hex), "id": alert id, "r": outcome, "w": wall ms}``
+    its outcome (compacted done records keep only ``h`` and ``w``).
+    Thread-safe: ``write_batch`` (the dataflow thread) and the sender share it.
+    """
+
+    def __init__(self, directory: Path, worker_index: int, worker_count: int,
+                 targets: Sequence[_Target], *, max_bytes: int, window: int,
+                 done_keep: int, done_ttl_s: float) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.path = directory / f"worker-{worker_index}.log"
+        self.max_bytes = max_bytes
+        self.window = window
+        self.done_keep = done_keep
+        self.done_ttl_ms = int(done_ttl_s * 1000)
+        self.targets = {t.key: t for t in targets}
+        self.pending: dict[int, _Pending] = {}  # journal order: the sender's FIFO
+        self.done: OrderedDict[int, int] = OrderedDict()  # pair hash -> wall ms, oldest first
+        self.torn = 0  # torn last lines dropped (a crash mid-write)
+        self.corrupt = 0  # damaged lines skipped
+        self.duplicates = 0
+        self.compactions = 0
+        self._cached = 0
+        self._pending_bytes = 0  # journal bytes of the pending entries
+        self._compact_floor = 0  # raised after a failed compaction (no retry storm)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._lock_fd = _lock_file(directory / f"worker-{worker_index}.lock")
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            self.size = self._load()
+            self._adopt(worker_index, worker_count)
+            self.maybe_compact()
+        except BaseException:
+            _unlock_file(self._lock_fd)
+            raise
+        if self.pending or self.torn or self.corrupt:
+            logger.info(
+                "webhook outbox %s: %d pending entr(ies) to resend, %d done ids remembered, "
+                "%d torn tail line(s) dropped, %d damaged line(s) skipped",
+                self.path.name, len(self.pending), len(self.done), self.torn, self.corrupt,
+            )
+
+    # start-up ---------------------------------------------------------------------
+
+    def _adopt(self, worker_index: int, worker_count: int) -> None:
+        """Take over journals of workers that no longer exist (the cluster shrank).
+
+        Their intact lines are appended to this journal (fsynced) before the old file
+        is removed; a crash in between only repeats the adoption, which is idempotent.
+        """
+        for other in sorted(self.dir.glob("worker-*.log")):
+            try:
+                j = int(other.stem.removeprefix("worker-"))
+            except ValueError:
+                continue
+            if j < worker_count or j % worker_count != worker_index:
+                continue
+            lock_fd = _lock_file(self.dir / f"worker-{j}.lock")
+            try:
+                lines: list[tuple[bytes, dict[str, Any]]] = []
+                for _, line in _journal_lines(other):
+                    doc = _unframe(line[:-1]) if line.endswith(b"\n") else None
+                    if doc is None:
+                        self.corrupt += 1
+                    else:
+                        lines.append((line, doc))
+                if lines:
+                    _write_all(self._fd, b"".join(line for line, _ in lines))
+                    os.fsync(self._fd)
+                for line, doc in lines:
+                    if not self._apply(doc, self.size, len(line)):
+                        self.corrupt += 1
+                    self.size += len(line)
+                other.unlink()
+                _fsync_dir(self.dir)
+                logger.info("webhook outbox %s adopted %s (%d lines)", self.path.name,
+                            other.name, len(lines))
+            finally:
+                _unlock_file(lock_fd)
+
+    def _load(self) -> int:
+        """Read the journal: pending entries and done ids; drop a torn tail. Its size."""
+        good_end = 0
+        for offset, line in _journal_lines(self.path):
+            if not line.endswith(b"\n"):
+                self.torn += 1  # the process died mid-write: that batch was not acked
+                logger.warning("webhook outbox %s: dropping a torn last line (%d bytes "
+                               "at offset %d)", self.path.name, len(line), offset)
+                break
+            good_end = offset + len(line)
+            doc = _unframe(line[:-1])
+            if doc is None or not self._apply(doc, offset, len(line)):
+                self.corrupt += 1
+                logger.error("webhook outbox %s: skipping a damaged line at offset %d "
+                             "(%d bytes)", self.path.name, offset, len(line))
+        if os.fstat(self._fd).st_size != good_end:
+            os.ftruncate(self._fd, good_end)
+            os.fsync(self._fd)
+        self._trim_done(_wall_ms())
+        return good_end
+
+    def _apply(self, doc: dict[str, Any], offset: int, length: int) -> bool:
+        kind = doc.get("k")
+        if kind == "e":
+            tk, alert = doc.get("t"), _alert_from(doc.get("a"))
+            if not isinstance(tk, str) or alert is None:
+                return False
+            key = _pair_key(tk, alert.id)
+            if key not in self.pending and key not in self.done:
+                self.pending[key] = _Pending(tk, self.targets.get(tk), alert.id, offset,
+                                             length, self._cache(alert))
+                self._pending_bytes += length
+            return True
+        if kind == "d":
+            h, w = doc.get("h"), doc.get("w")
+            if not isinstance(h, str) or type(w) is not int:
+                return False
+            try:
+                key = int(h, 16)
+            except ValueError:
+                return False
+            self._forget_pending(key)
+            self.done[key] = w
+            self.done.move_to_end(key)
+            return True
+        return False
+
+    # both threads ------------------------------------------------------------------
+
+    def _cache(self, alert: Alert) -> Alert | None:
+        if self._cached < self.window:
+            self._cached += 1
+            return alert
+        return None
+
+    def _forget_pending(self, key: int) -> _Pending | None:
+        p = self.pending.pop(key, None)
+        if p is not None:
+            self._pending_bytes -= p.length
+            if p.alert is not None:
+                self._cached -= 1
+        return p
+
+    def _trim_done(self, now_ms: int) -> None:
+        cutoff = now_ms - self.done_ttl_ms
+        done = self.done
+        while done and (len(done) > self.done_keep or next(iter(done.values())) < cutoff):
+            done.popitem(last=False)
+
+    def pending_count(self) -> int:
+        """Entries journaled and not yet done."""
+        with self._lock:
+            return len(self.pending)
+
+    def append(
+        self, pairs: Sequence[tuple[_Target, Alert]]
+    ) -> tuple[list[tuple[_Target, Alert, str]], list[_Target]]:
+        """Journal new pairs and fsync, before returning; skip those already known.
+
+        Returns the pairs that cannot be encoded (with the error) and the targets of
+        the duplicates skipped. Raises :class:`OSError` if the journal cannot be
+        written (the batch is then not acknowledged: Bytewax will replay it).
+        """
+        bad: list[tuple[_Target, Alert, str]] = []
+        dups: list[_Target] = []
+        with self._lock:
+            if self._closed:
+                raise OSError("webhook outbox is closed")
+            start = self.size
+            offset = start
+            lines: list[bytes] = []
+            added: list[int] = []
+            for target, alert in pairs:
+                key = _pair_key(target.key, alert.id)
+                if key in self.pending or key in self.done:
+                    dups.append(target)
+                    continue
+                try:
+                    line = _frame({"k": "e", "t": target.key, "a": _alert_doc(alert)})
+                except EncodeError as exc:
+                    bad.append((target, alert, str(exc)))
+                    continue
+                self.pending[key] = _Pending(target.key, target, alert.id, offset, len(line),
+                                             self._cache(alert))
+                self._pending_bytes += len(line)
+                added.append(key)
+                offset += len(line)
+                lines.append(line)
+            if lines:
+                try:
+                    _write_all(self._fd, b"".join(lines))
+                    os.fsync(self._fd)
+                except OSError:
+                    for key in added:
+                        self._forget_pending(key)
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, start)  # no half line before the next one
+                    raise
+                self.size = offset
+            self.duplicates += len(dups)
+        return bad, dups
+
+    def next_pending(self) -> tuple[int, _Pending, Alert | None] | None:
+        """The oldest pending entry and its alert (read from the journal if not cached).
+
+        The alert is None if its journal line no longer decodes.
+        """
+        with self._lock:
+            if self._closed:
+                return None
+            first = next(iter(self.pending.items()), None)
+            if first is None:
+                return None
+            key, p = first
+            if p.alert is not None:
+                return key, p, p.alert
+            line = os.pread(self._fd, p.length, p.offset)
+        doc = _unframe(line.rstrip(b"\n"))
+        alert = _alert_from(doc.get("a")) if doc is not None and doc.get("k") == "e" else None
+        return key, p, alert
+
+    def mark_done(self, key: int, outcome: str) -> None:
+        """Record an entry's outcome (written, not fsynced; survives a process kill)."""
+        with self._lock:
+            if self._closed:
+                return
+            p = self._forget_pending(key)
+            if p is None:
+                return
+            now = _wall_ms()
+            self.done[key] = now
+            self.done.move_to_end(key)
+            self._trim_done(now)
+            line = _frame({"k": "d", "h": f"{key:016x}", "id": p.alert_id, "r": outcome,
+                           "w": now})
+            try:
+                _write_all(self._fd, line)
+            except OSError as exc:
+                # the entry will be sent again after a restart (same webhook-id)
+                logger.error("webhook outbox %s: cannot write a done record: %s",
+                             self.path.name, type(exc).__name__)
+                return
+            self.size += len(line)
+
+    # compaction ---------------------------------------------------------------------
+
+    def _needs_compaction(self) -> bool:
+        """Past ``max_bytes`` and at least half of it garbage (so compactions stay
+        amortised when pending entries alone are large)."""
+        live = self._pending_bytes + len(self.done) * _DONE_LINE_BYTES
+        return self.size > max(self.max_bytes, self._compact_floor) and self.size > 2 * live
+
+    def maybe_compact(self) -> bool:
+        """Compact if the journal needs it (called by the sender thread, and at start-up).
+
+        The journal is rewritten as the remembered done ids plus the pending entries
+        into a temporary file, fsynced and renamed over the journal. The lock is held
+        only to copy what was appended meanwhile, so ``write_batch`` barely waits.
+        """
+        with self._lock:
+            if self._closed or not self._needs_compaction():
+                return False
+            self._trim_done(_wall_ms())
+            done = list(self.done.items())
+            pending = [(key, p.offset, p.length) for key, p in self.pending.items()]
+            base_size, fd = self.size, self._fd
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with tmp.open("wb") as f:
+                offset = 0
+                new_offsets: dict[int, int] = {}
+                chunk: list[bytes] = []
+                for key, w in done:
+                    chunk.append(_frame({"k": "d", "h": f"{key:016x}", "w": w}))
+                    if len(chunk) >= 4096:
+                        offset += f.write(b"".join(chunk))
+                        chunk.clear()
+                offset += f.write(b"".join(chunk))
+                for key, off, length in pending:
+                    line = os.pread(fd, length, off)
+                    if len(line) != length or not line.endswith(b"\n"):
+                        raise OSError("journal shorter than its index")
+                    new_offsets[key] = offset
+                    offset += f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+                with self._lock:
+                    if self._closed:
+                        raise OSError("closed during compaction")
+                    # what was appended since the snapshot: copy it as is
+                    tail_at = offset
+                    tail = os.pread(fd, self.size - base_size, base_size)
+                    offset += f.write(tail)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND)  # follows the rename
+                    try:
+                        os.replace(tmp, self.path)
+                    except OSError:
+                        os.close(new_fd)
+                        raise
+                    self._fd = new_fd
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        _fsync_dir(self.dir)
+                    for key, p in self.pending.items():
+                        if key in new_offsets:
+                            p.offset = new_offsets[key]
+                        elif p.offset >= base_size:
+                            p.offset = tail_at + p.offset - base_size
+                    old_size, self.size = self.size, offset
+                    self._compact_floor = 0
+                    self.compactions += 1
+                    n_pending, n_done = len(self.pending), len(self.done)
+        except OSError as exc:
+            logger.error("webhook outbox %s: compaction failed (%s); keeping the journal",
+                         self.path.name, type(exc).__name__)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            with self._lock:
+                self._compact_floor = 2 * self.size
+            return False
+        logger.info("webhook outbox %s compacted: %d -> %d bytes, %d pending, %d done ids",
+                    self.path.name, old_size, offset, n_pending, n_done)
+        return True
+
+    def close(self) -> None:
+        """Close the journal and release its lock (pending entries stay in it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+        _unlock_file(self._lock_fd)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_DONE_LINE_BYTES: Final = len(_frame({"k": "d", "h": "0" * 16, "w": 1_700_000_000_000}))
+
+
+class _OutboxPartition(_WebhookPartition):
+    """One worker's outbox journal and sender thread (journal order, one at a time)."""
+
+    def __init__(self, sink: WebhookOutput, client: httpx.Client, owns_client: bool,
+                 name: str, outbox: _Outbox) -> None:
+        self._outbox = outbox
+        self._work = threading.Event()
+        super().__init__(sink, client, owns_client, name)
+
+    def write_batch(self, items: list[Alert]) -> None:
+        """Journal each (target, alert) pair and fsync, then wake the sender.
+
+        A replayed alert whose (target, id) the outbox already holds is skipped.
+        """
+        pairs = [(t, a) for a in items for t in self._sink.targets if t.wants(a)]
+        if not pairs:
+            return
+        bad, dups = self._outbox.append(pairs)
+        for target in dups:
+            self._sink._count(target.url, "duplicates")
+        for target, alert, err in bad:
+            logger.error("webhook alert %s cannot be journaled: %s", alert.id, err)
+            self._sink._count(target.url, "failed")
+            self._dead_letter(alert, target, "encode_error", None, attempts=0, error=err)
+        self._work.set()
+
+    def close(self) -> None:
+        """Drain (up to ``drain_timeout_s``); what is left stays in the journal."""
+        if self._closed:
+            return
+        self._closed = True
+        outbox = self._outbox
+        deadline = time.monotonic() + self._sink.drain_timeout_s
+        while outbox.pending_count() and time.monotonic() < deadline:
+            self._work.set()
+            time.sleep(_POLL_S)
+        self._abort.set()
+        self._stop.set()
+        self._thread.join(self._sink.timeout_s + 1.0)
+        if self._thread.is_alive():
+            logger.error("webhook sender thread did not stop in time")
+        left = outbox.pending_count()
+        if left:
+            logger.warning("webhook outbox %s: %d alert(s) left in the journal for the "
+                           "next start", outbox.path.name, left)
+        outbox.close()
+        self._sink._forget_outbox(outbox)
+        if self._owns_client:
+            self._client.close()
+
+    def _run(self) -> None:
+        outbox = self._outbox
+        while not self._abort.is_set():
+            item = outbox.next_pending()
+            if item is None:
+                if self._stop.is_set():
+                    return
+                try:
+                    outbox.maybe_compact()
+                except Exception:
+                    logger.exception("webhook outbox %s: compaction failed", outbox.path.name)
+                self._work.wait(_POLL_S)
+                self._work.clear()
+                continue
+            key, p, alert = item
+            try:
+                outcome = self._deliver_entry(p, alert)
+            except Exception as exc:  # the sender thread must never die
+                logger.exception("webhook delivery of %s crashed", p.alert_id)
+                outcome = "error"
+                if p.target is not None and alert is not None:
+                    self._sink._count(p.target.url, "failed")
+                    self._dead_letter(alert, p.target, "error", None, attempts=0,
+                                      error=type(exc).__name__)
+            if outcome is None:
+                return  # aborted by close(): it stays pending in the journal
+            try:
+                outbox.mark_done(key, outcome)
+                outbox.maybe_compact()
+            except Exception:
+                logger.exception("webhook outbox %s: bookkeeping failed", outbox.path.name)
+
+    def _deliver_entry(self, p: _Pending, alert: Alert | None) -> str | None:
+        if alert is None:
+            logger.error("webhook outbox %s: entry of %s no longer decodes; dropped",
+                         self._outbox.path.name, p.alert_id)
+            self._outbox.corrupt += 1
+            return "corrupt"
+        if p.target is None:
+            url = f"<unconfigured webhook target {p.target_key}>"
+            logger.error("webhook %s for a target no longer configured (%s) dead-lettered",
+                         alert.id, p.target_key)
+            self._sink._count(url, "failed")
+            metrics.WEBHOOK_FAILURES.labels("removed", "target_removed").inc()
+            try:
+                self._sink.on_dead_letter(alert, url, "target_removed", None, attempts=0,
+                                          error="target no longer configured")
+            except Exception:
+                logger.exception("webhook dead-letter handler failed for %s "
+                                 "(target_removed): alert LOST", alert.id)
+            return "target_removed"
+        return self._deliver(p.target, alert, keep_on_abort=True)

@@ -20,6 +20,7 @@ import bytewax.operators as op
 import httpx
 import pytest
 from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSource, cluster_main, run_main
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -643,3 +644,39 @@ def test_bytewax_dataflow_delivers_every_alert(workers: int) -> None:
         Webhook(SECRET).verify(r.content, dict(r.headers))
     assert dl.items == []
     assert sink.total() == WebhookCounts(sent=40)
+
+
+@pytest.mark.parametrize("outbox", [False, True])
+def test_bytewax_recovery_replay_is_sent_once_only_with_an_outbox(
+    outbox: bool, tmp_path: Path
+) -> None:
+    """Bytewax resumes from the last snapshot and replays what came after it.
+
+    A 10 s epoch never closes before the abort, so the resumed run emits a0..a4 again.
+    Without an outbox they are POSTed a second time (receivers must dedup by
+    webhook-id); with one, the journal knows them and each id is sent once.
+    """
+    rec = Recorder()
+    (tmp_path / "rec").mkdir()
+    init_db_dir(tmp_path / "rec", 1)  # type: ignore[no-untyped-call]
+    items: list[Any] = [make_alert(i) for i in range(5)]
+    items += [TestingSource.ABORT(), *(make_alert(i) for i in range(5, 10))]
+    source = TestingSource(items)
+    dl = DeadLetters()
+    for _run in range(2):
+        sink = WebhookOutput([target(secret=SECRET)], on_dead_letter=dl, client=rec.factory,
+                             outbox_dir=tmp_path / "outbox" if outbox else None)
+        flow = Dataflow("webhook_recovery")
+        op.output("out", op.input("in", flow, source), sink)
+        run_main(flow, epoch_interval=timedelta(seconds=10),  # type: ignore[no-untyped-call]
+                 recovery_config=RecoveryConfig(tmp_path / "rec"))  # type: ignore[no-untyped-call]
+        if _run == 0:
+            assert sorted(r.headers["webhook-id"] for r in rec.requests) == [
+                f"a{i}" for i in range(5)]
+    sent = Counter(r.headers["webhook-id"] for r in rec.requests)
+    assert set(sent) == {f"a{i}" for i in range(10)}
+    repeated = {i for i, n in sent.items() if n > 1}
+    assert repeated == (set() if outbox else {f"a{i}" for i in range(5)})
+    if outbox:
+        assert sink.total() == WebhookCounts(sent=5, duplicates=5)
+    assert dl.items == []
