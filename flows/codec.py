@@ -56,8 +56,25 @@ def pack(value: Any) -> bytes:
         raise EncodeError(f"cannot encode MessagePack: {exc}") from exc
 
 
+def _msgpack_problem(exc: Exception) -> str:
+    # Some msgpack exceptions carry no message: name the problem instead.
+    if isinstance(exc, msgpack.ExtraData):
+        return "extra data after the document"
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "a reserved or invalid type byte"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 (byte {exc.start})"
+    return str(exc) or type(exc).__name__
+
+
 def unpack(data: bytes | bytearray | memoryview) -> Any:
-    """Decode one MessagePack document; raise :class:`DecodeError` on bad input."""
+    """Decode one MessagePack document; raise :class:`DecodeError` on bad input.
+
+    Map keys must be strings (or bytes); strings must be valid UTF-8; nesting is
+    bounded by msgpack's own stack (1024 levels); lengths beyond the data are errors.
+    """
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (
@@ -67,4 +84,4 @@ def unpack(data: bytes | bytearray | memoryview) -> Any:
         ValueError,
         TypeError,
     ) as exc:
-        raise DecodeError(f"invalid MessagePack: {exc}") from exc
+        raise DecodeError(f"invalid MessagePack: {_msgpack_problem(exc)}") from exc

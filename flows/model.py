@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias
@@ -58,13 +59,21 @@ Format: TypeAlias = Literal["json", "msgpack"]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Input limits; a message beyond any of them is a dead letter, never a crash."""
+    """Input limits; a message beyond any of them is a dead letter, never a crash.
+
+    ``max_message_bytes`` bounds the raw message; ``max_customer_id_len`` and
+    ``max_field_len`` bound string fields in characters; ``attrs`` (a click's free-form
+    object) may have at most ``max_attrs_keys`` top-level keys, be nested at most
+    ``max_attrs_depth`` objects or arrays deep (``attrs`` itself is level 1) and take
+    at most ``max_attrs_bytes`` as compact JSON.
+    """
 
     max_message_bytes: int = 65_536
     max_customer_id_len: int = 64
     max_field_len: int = 128
     max_attrs_bytes: int = 4_096
     max_attrs_keys: int = 32
+    max_attrs_depth: int = 8
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -345,12 +354,54 @@ def _int(doc: dict[str, Any], name: str) -> int:
     return v
 
 
+def _check_attrs(attrs: dict[Any, Any], limits: Limits) -> None:
+    """Raise :class:`_Bad` unless ``attrs`` is plain JSON data within the limits.
+
+    JSON input is JSON data by construction, but MessagePack can carry what JSON
+    cannot (NaN and infinities, bytes, extension types and timestamps, bytes keys);
+    and nesting is bounded so that no later step (a snapshot, say)
+    can hit a recursion limit. The walk is iterative and the message size bounds it.
+    """
+    max_depth = limits.max_attrs_depth
+    stack: list[tuple[Any, int]] = [(attrs, 1)]
+    while stack:
+        v, depth = stack.pop()
+        t = type(v)
+        if t is str or t is int or t is bool or v is None:
+            continue  # neither decoder makes an integer beyond 64 bits
+        if t is dict or t is list:
+            if depth > max_depth:
+                raise _Bad("too_large", f"attrs is nested more than {max_depth} levels deep")
+            if t is dict:
+                for k, x in v.items():
+                    if type(k) is not str:
+                        raise _Bad("wrong_type", "attrs keys must be strings")
+                    stack.append((x, depth + 1))
+            else:
+                stack.extend((x, depth + 1) for x in v)
+        elif t is float:
+            if not math.isfinite(v):
+                raise _Bad("invalid_value", "attrs holds NaN or an infinite number")
+        else:
+            raise _Bad("wrong_type", f"attrs holds a value of type {t.__name__}, not JSON")
+    try:
+        size = len(json_dumps(attrs))
+    except EncodeError as exc:
+        raise _Bad("wrong_type", f"attrs cannot be encoded: {exc}") from exc
+    if size > limits.max_attrs_bytes:
+        raise _Bad("too_large", f"attrs is larger than {limits.max_attrs_bytes} bytes")
+
+
 def _decode_doc(doc: Any, limits: Limits) -> Event:
     if type(doc) is not dict:
         raise _Bad("not_an_object", "the message is not a JSON object")
     typ = doc.get("type")
     customer_id = _str(doc, "customer_id", limits.max_customer_id_len)
     assert customer_id is not None
+    if not customer_id.isprintable():
+        # Control, format and line-separator characters have no place in an id (they
+        # would forge log lines or hide in a display); ASCII space is allowed.
+        raise _Bad("invalid_value", "customer_id has non-printable characters")
     ts = doc.get("ts")
     if ts is None:
         raise _Bad("missing_field", "ts is required")
@@ -372,6 +423,8 @@ def _decode_doc(doc: Any, limits: Limits) -> Event:
                 raise _Bad("wrong_type", "attrs must be an object")
             if len(attrs) > limits.max_attrs_keys:
                 raise _Bad("too_large", f"attrs has more than {limits.max_attrs_keys} keys")
+            if attrs:
+                _check_attrs(attrs, limits)
         return ClickEvent(
             customer_id,
             ts,
@@ -425,15 +478,6 @@ def decode_record(rec: RawRecord, limits: Limits = DEFAULT_LIMITS) -> Envelope |
         return DeadLetter("too_large", "message is nested too deeply", value, rec.source, rec.pos)
     try:
         event = _decode_doc(doc, limits)
-        attrs = event.attrs if type(event) is ClickEvent else None
-        if attrs is not None and len(value) > limits.max_attrs_bytes:
-            # Only measure attrs when the whole message could exceed the bound.
-            try:
-                size = len(json_dumps(attrs))
-            except EncodeError as exc:
-                raise _Bad("wrong_type", f"attrs cannot be encoded: {exc}") from exc
-            if size > limits.max_attrs_bytes:
-                raise _Bad("too_large", f"attrs is larger than {limits.max_attrs_bytes} bytes")
     except _Bad as bad:
         return DeadLetter(bad.reason, bad.detail, value, rec.source, rec.pos)
     if rec.key is not None and rec.key != event.customer_id.encode("utf-8"):

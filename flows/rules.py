@@ -442,10 +442,12 @@ def load_rules(path: str | Path) -> RuleSet:
     """Read and validate a YAML rules file (safe loader only; nothing in it runs)."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_RULES_FILE_BYTES:
+        # Read at most one byte past the limit: a FIFO or a device reports size 0.
+        with p.open("rb") as fh:
+            data = fh.read(MAX_RULES_FILE_BYTES + 1)
+        if len(data) > MAX_RULES_FILE_BYTES:
             raise RulesError([f"{p}: file is larger than {MAX_RULES_FILE_BYTES} bytes"])
-        text = p.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise RulesError([f"{p}: cannot read: {exc.strerror}"]) from exc
     except UnicodeDecodeError as exc:
@@ -460,6 +462,8 @@ def _parse_text(text: str, source: str) -> RuleSet:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise RulesError([f"{source}: {where}not valid YAML: {exc}"]) from exc
+    except RecursionError:
+        raise RulesError([f"{source}: nested too deeply"]) from None
     if not isinstance(doc, dict):
         raise RulesError([f"{source}: the file must be a mapping with 'version' and 'rules'"])
     return parse_rules(doc, source)
