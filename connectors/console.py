@@ -1,7 +1,11 @@
 """The live terminal view: pushes and alerts as they fire, stats now and then.
 
 Customer ids are masked to their last four characters here (they may be phone
-numbers); the data outputs carry them whole.
+numbers): :func:`flows.masking.mask_id` on every id the view prints, in push lines
+(the customer and a ``customer:<id>`` channel), alert lines (the subject, and any
+sample a detail would show) and dead-letter lines (a detail should never quote the
+message; any phone-number-like run of digits in it is masked all the same). The
+data outputs carry them whole.
 """
 
 from __future__ import annotations
@@ -14,19 +18,13 @@ from typing import Any, TextIO
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from flows.masking import mask_channel, mask_id, mask_numbers
 from flows.model import Alert, DeadLetter, Push, ms_to_datetime
 
 __all__ = ["ConsoleView", "mask"]
 
-
-def mask(customer_id: str) -> str:
-    """``13800001234`` → ``…1234``."""
-    return "…" + customer_id[-4:]
-
-
-def _mask_channel(channel: str) -> str:
-    kind, _, ident = channel.partition(":")
-    return f"{kind}:{mask(ident)}" if kind == "customer" else channel
+mask = mask_id
+"""``13800001234`` → ``…1234`` (:func:`flows.masking.mask_id`)."""
 
 
 class _Part(StatelessSinkPartition[Any]):
@@ -78,7 +76,7 @@ class ConsoleView:
         lag = self.now_ms() - p.event_ts
         content = f"{p.content.get('module')}/{p.content.get('kind')}"
         return (f"{self._stamp(p.event_ts)}  {self._c('1;32', 'PUSH ')}  {p.rule_id:<13} → "
-                f"{_mask_channel(p.channel):<18} {content:<24} {mask(p.customer_id)}"
+                f"{mask_channel(p.channel):<18} {content:<24} {mask_id(p.customer_id)}"
                 f"  (+{lag} ms)")
 
     def alert_line(self, a: Alert) -> str:
@@ -89,7 +87,8 @@ class ConsoleView:
             detail = (f"{a.subject}  n={d.get('n')} mean={d.get('mean_s')} s "
                       f"p90={d.get('p90_s')} s subscribed={d.get('share_subscribed')}")
         else:
-            detail = (f"{mask(a.subject)} stuck on {d.get('module')}/{d.get('step')} "
+            # a per-customer alert's subject is the customer id
+            detail = (f"{mask_id(a.subject)} stuck on {d.get('module')}/{d.get('step')} "
                       f"{d.get('dwell_s')} s at {d.get('terminal_id')}")
         return f"{self._stamp(a.time_ms)}  {self._c('1;31', 'ALERT')}  {a.type:<27} {detail}"
 
@@ -100,7 +99,8 @@ class ConsoleView:
             return None
         more = "  (further dead letters are counted in the stats line)" \
             if self.counts["dead_letter"] == 5 else ""
-        return f"{'':12}  {self._c('33', 'DEAD ')}  {d.reason:<14} {d.detail[:60]}{more}"
+        detail = mask_numbers(d.detail)[:60]
+        return f"{'':12}  {self._c('33', 'DEAD ')}  {d.reason:<14} {detail}{more}"
 
     def stats_line(self, doc: dict[str, Any]) -> str:
         """A one-line summary of the stats document."""

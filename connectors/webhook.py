@@ -86,6 +86,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# httpx logs "HTTP Request: POST <full URL>" at INFO; a Slack-style webhook URL is itself
+# the credential, so its logger never goes below WARNING.
+_httpx_log = logging.getLogger("httpx")
+_httpx_log.setLevel(max(logging.WARNING, _httpx_log.level))
 
 _SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - a prefix, not a secret
 _PD_SEVERITIES: Final = frozenset({"critical", "error", "warning", "info"})

@@ -146,7 +146,8 @@ class KafkaSettings(BaseModel):
     default_partitions: int = 3
     replication_factor: int = 1
     config: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="passed to librdkafka untouched (SASL, SSL, ...)"
+        default_factory=dict, repr=False,
+        description="passed to librdkafka untouched (SASL, SSL, ...); never shown in a repr",
     )
 
 
@@ -279,6 +280,7 @@ class Settings(LayeredSettings):
     model_config = SettingsConfigDict(
         frozen=True,
         extra="forbid",
+        hide_input_in_errors=True,  # a validation error must not echo a secret
         env_prefix="TOUCHSTREAM_",
         env_nested_delimiter="__",
         toml_file=None,

@@ -63,6 +63,7 @@ from gateway.metrics import gateway_registry, metrics_endpoint
 from gateway.ops import ops_routes
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenClaims, TokenError, TokenSigner, valid_terminal_id
+from state.redis_store import redis_options
 
 __all__ = ["AccessLog", "Gateway", "create_app", "make_redis", "terminal_view"]
 
@@ -95,11 +96,21 @@ def terminal_view(doc: Mapping[str, Any], customer_id: str = "mask") -> dict[str
 
 
 def make_redis(settings: GatewaySettings) -> Redis:
-    """The shared async client: a blocking pool of ``redis_pool_size`` connections."""
+    """The shared async client: a blocking pool of ``redis_pool_size`` connections.
+
+    With the ACL user, password and TLS files of the settings
+    (:func:`state.redis_store.redis_options` checks them as the engine's).
+    """
     if settings.redis_url is None:
         raise ValueError("redis_url is not set (TOUCHSTREAM_GATEWAY_REDIS_URL)")
+    url = settings.redis_url.get_secret_value()
+    options = redis_options(
+        url, username=settings.redis_username, password=settings.redis_auth_password(),
+        tls_ca_file=settings.redis_tls_ca_file, tls_cert_file=settings.redis_tls_cert_file,
+        tls_key_file=settings.redis_tls_key_file, names="redis_")
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url.get_secret_value(),
+        url,
+        **options,
         max_connections=settings.redis_pool_size,
         timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,

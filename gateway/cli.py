@@ -2,7 +2,9 @@
 
 :func:`add_commands` adds the group to the ``touchstream`` parser (``flows/cli.py``);
 the web stack is imported only when ``serve`` runs. Secrets come from the environment
-(``TOUCHSTREAM_GATEWAY_TOKEN_SECRET``) or the TOML file, never from a flag.
+(``TOUCHSTREAM_GATEWAY_TOKEN_SECRET``), the TOML file or a file
+(``redis_password_file``), never from a flag: a command line shows in ``ps`` and in
+shell history, so ``--redis`` refuses a URL that holds a password.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gateway.settings import load_gateway_settings
 from gateway.tokens import TokenSigner, valid_terminal_id
 
-__all__ = ["add_commands", "cmd_serve", "cmd_token", "parse_ttl"]
+__all__ = ["add_commands", "cmd_serve", "cmd_token", "parse_ttl", "redis_url_flag"]
 
 _TTL = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -28,6 +31,22 @@ def parse_ttl(text: str) -> int:
     if not m or int(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 12h, 30d)")
     return int(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+
+
+def redis_url_flag(text: str) -> str:
+    """The ``--redis`` value: a URL without a password (it would show in ``ps``)."""
+    try:
+        has_password = urlsplit(text).password is not None
+    except ValueError:
+        has_password = False  # not a URL: the settings reject it later
+    if has_password:
+        raise argparse.ArgumentTypeError(
+            "the URL holds a password, which a command line shows to every user (ps) and "
+            "keeps in shell history: give the URL without it and the password in "
+            "TOUCHSTREAM_GATEWAY_REDIS_PASSWORD_FILE (a file) or "
+            "TOUCHSTREAM_GATEWAY_REDIS_PASSWORD, or the whole URL in "
+            "TOUCHSTREAM_GATEWAY_REDIS_URL")
+    return text
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -74,6 +93,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     srv = gsub.add_parser("serve", help="run the gateway")
     srv.add_argument("--host", help="listen address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="listen port (default 8080)")
-    srv.add_argument("--redis", metavar="URL", help="redis://HOST:PORT/DB of the push streams")
+    srv.add_argument("--redis", metavar="URL", type=redis_url_flag,
+                     help="redis://[USER@]HOST:PORT/DB (rediss:// for TLS) of the push streams; "
+                     "no password here: TOUCHSTREAM_GATEWAY_REDIS_PASSWORD_FILE")
     srv.add_argument("--config", type=Path, help="gateway TOML settings file")
     srv.set_defaults(func=cmd_serve)

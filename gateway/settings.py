@@ -3,10 +3,11 @@
 Sources, highest priority first: command-line flags (init values), the environment
 (``TOUCHSTREAM_GATEWAY_`` prefix, e.g. ``TOUCHSTREAM_GATEWAY_TOKEN_SECRET``), a TOML
 file of top-level keys (``--config``), then the defaults below. Secrets
-(``token_secret``, ``previous_token_secrets``, ``ops_token``, ``ops_password``, a
-password in ``redis_url``) are
-:class:`~pydantic.SecretStr`: they never show in a ``repr`` or a log line. The token
-secret comes from the environment or the TOML file, never from a flag.
+(``token_secret``, ``previous_token_secrets``, ``ops_token``, ``ops_password``,
+``redis_password``, a password in ``redis_url``) are
+:class:`~pydantic.SecretStr`: they never show in a ``repr`` or a log line. Secrets
+come from the environment, the TOML file or a file (``redis_password_file``), never
+from a flag: ``--redis`` refuses a URL that holds a password.
 """
 
 from __future__ import annotations
@@ -43,8 +44,23 @@ class GatewaySettings(LayeredSettings):
     )
 
     redis_url: SecretStr | None = Field(
-        None, description="redis://HOST:PORT/DB of the push streams (required to serve)"
+        None, description="redis://HOST:PORT/DB of the push streams (required to serve); "
+        "rediss:// for TLS"
     )
+    redis_username: str | None = Field(None, description="Redis ACL user (AUTH user password)")
+    redis_password: SecretStr | None = Field(
+        None, description="Redis AUTH password (env or TOML; prefer redis_password_file)"
+    )
+    redis_password_file: Path | None = Field(
+        None, description="file whose first line is the Redis AUTH password"
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies a rediss:// server (default: the system's)"
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="client certificate for Redis mutual TLS"
+    )
+    redis_tls_key_file: Path | None = Field(None, description="client key for Redis mutual TLS")
     stream_prefix: str = Field("push:", description="push stream / pub-sub name prefix")
     redis_pool_size: int = Field(
         64, ge=2, le=10_000,
@@ -115,6 +131,25 @@ class GatewaySettings(LayeredSettings):
         None, description="basic-auth password of the /ops console; env or TOML only"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def redis_auth_password(self) -> str | None:
+        """The Redis password: ``redis_password``, else the first line of its file.
+
+        :raises ValueError: the file is empty or cannot be read (never shows its content).
+        """
+        if self.redis_password is not None:
+            return self.redis_password.get_secret_value()
+        if self.redis_password_file is None:
+            return None
+        try:
+            lines = self.redis_password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"redis_password_file {self.redis_password_file} cannot be "
+                             f"read: {exc.strerror}") from None
+        password = lines[0].strip() if lines else ""
+        if not password:
+            raise ValueError(f"redis_password_file {self.redis_password_file} is empty")
+        return password
 
     @field_validator("token_secret")
     @classmethod
