@@ -61,15 +61,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it untyped
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
-from flows.metrics import KAFKA_CONSUMER_LAG
+from flows.metrics import KAFKA_CLIENT_ERRORS, KAFKA_CONSUMER_LAG, KAFKA_OFFSET_RESETS
 from flows.model import Format, RawRecord
 
 __all__ = [
     "DEFAULT_TOPIC_CONFIG",
-    "KAFKA_CLIENT_ERRORS",
-    "KAFKA_OFFSET_RESETS",
     "ConfigValue",
     "KafkaConsumeError",
     "KafkaDeliveryError",
@@ -88,21 +86,6 @@ ConfigValue: TypeAlias = str | int | float | bool
 
 OutOfRangePolicy: TypeAlias = Literal["earliest", "latest", "fail"]
 """What an input partition does when its position is outside the broker's log."""
-
-KAFKA_CLIENT_ERRORS = Counter(
-    "touchstream_kafka_client_errors",
-    "Errors the Kafka clients reported, by client (consumer, producer) and librdkafka "
-    "error name (e.g. _TRANSPORT, _ALL_BROKERS_DOWN while a broker is down; librdkafka "
-    "retries those by itself)",
-    ["client", "error"],
-)
-KAFKA_OFFSET_RESETS = Counter(
-    "touchstream_kafka_offset_resets",
-    "Input partitions moved because their position was outside the broker's log (the "
-    "broker lost data, the topic was recreated, or retention deleted unread records), "
-    "by topic, partition and policy (earliest, latest, fail)",
-    ["topic", "partition", "policy"],
-)
 
 _SECRET_MARKERS: Final = ("password", "secret", "sasl", "ssl.key")
 

@@ -24,8 +24,10 @@ console masks them before they reach a browser.
 **While Redis is unreachable** the feed is skipped, never held and never raised: the
 batch that met the connection error and every batch after it are dropped (counted by
 kind in :meth:`OpsFeedOutput.stats`: ``dropped_pushes``, ``dropped_alerts``,
-``dropped_stats``) without calling Redis, until a background ``PING`` every
-``retry_interval_s`` gets an answer (:class:`state.redis_store.RedisHealth`). The ops
+``dropped_stats``; in Prometheus ``touchstream_ops_feed_dropped_total{kind}`` and
+``touchstream_redis_unavailable_total{op="ops_feed"}``) without calling Redis, until a
+background ``PING`` every ``retry_interval_s`` gets an answer
+(:class:`state.redis_store.RedisHealth`). The ops
 feed is a dashboard view: consoles miss the pushes and alerts of the outage (they are
 delivered to terminals and on-call through the push sink, Kafka and webhooks, which do
 not drop them) and show the next stats document once Redis is back. If the connection
@@ -40,11 +42,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.codec import json_dumps
+from flows.metrics import OPS_FEED_DROPPED
 from flows.model import Alert, Push
 from flows.rules import RuleSet
 from flows.settings import RedisSettings
@@ -53,6 +56,11 @@ from state.redis_store import UNAVAILABLE, RedisClient, RedisHealth, connect
 __all__ = ["OpsFeedConfig", "OpsFeedOutput", "push_summary", "rules_summary", "write_rules"]
 
 DEFAULT_PREFIX = "ops:"
+
+# the feed's item kinds (its stats keys) -> the kind label of touchstream_ops_feed_dropped
+_DROPPED: Final = {"pushes": OPS_FEED_DROPPED.labels("push"),
+                   "alerts": OPS_FEED_DROPPED.labels("alert"),
+                   "stats": OPS_FEED_DROPPED.labels("stats")}
 
 
 def _now_ms() -> int:
@@ -174,7 +182,8 @@ class _OpsFeedPartition(StatelessSinkPartition[Any]):
         self._client = client
         self._now = now_ms
         self._stats = stats or _FeedStats()
-        self._health = RedisHealth(client, config.retry_interval_s, name="ops-feed")
+        self._health = RedisHealth(client, config.retry_interval_s, name="ops-feed",
+                                   op="ops_feed")
 
     def write_batch(self, items: list[Any]) -> None:
         if not items:
@@ -213,6 +222,8 @@ class _OpsFeedPartition(StatelessSinkPartition[Any]):
                 self._stats.add(Counter({"written": sum(kinds.values())}))
                 return
         self._stats.add(Counter({f"dropped_{kind}": n for kind, n in kinds.items()}))
+        for kind, n in kinds.items():  # per batch, at most three kinds
+            _DROPPED[kind].inc(n)
 
     def close(self) -> None:
         self._health.close()

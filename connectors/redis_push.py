@@ -51,7 +51,10 @@ lost, logged and counted as ``lost``).
 went through the hold), ``backpressure`` (``write_batch`` calls that waited for room)
 with ``backpressure_ms``, ``restored`` (read back from the spool), ``lost``; and, once
 anything was held, the gauges ``held`` (now, all workers) and ``held_max`` (the most
-one worker held).
+one worker held). Prometheus (:mod:`flows.metrics`): ``touchstream_redis_held_pushes``
+per worker, ``touchstream_redis_unavailable_total{op="push"}`` per failed attempt,
+``touchstream_push_sink_backpressure_seconds_total`` and the ``written``, ``duplicate``,
+``cap``, ``once`` and ``lost`` outcomes of ``touchstream_push_sink_pushes_total``.
 
 With ``cluster`` the sink uses redis-py's cluster client: the guard script runs per
 customer slot, the append script per stream slot (a stream's marker shares its slot);
@@ -105,6 +108,7 @@ DEFAULT_PREFIX = "push:"
 DEFAULT_MARKER_PREFIX = "guard:"
 
 _WRITE_RTT = metrics.REDIS_RTT.labels("push_write")
+_UNAVAILABLE = metrics.REDIS_UNAVAILABLE.labels("push")
 
 _APPEND_CHUNK: Final = 200
 """Pushes per append script call."""
@@ -246,10 +250,12 @@ class _Stats:
             self._counts.update(counts)
 
     def set_held(self, worker: int, n: int) -> None:
+        """Record how many pushes ``worker`` holds now (per batch or retry, not per push)."""
         with self._lock:
             self._held[worker] = n
             if n > self._held_max.get(worker, 0):
                 self._held_max[worker] = n
+        metrics.REDIS_HELD_PUSHES.labels(str(worker)).set(n)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -401,6 +407,8 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
         self._fatal: BaseException | None = None
         self._closing = False
         self._since = 0.0
+        # the series exists from the start (0 = nothing held) for dashboards and alerts
+        metrics.REDIS_HELD_PUSHES.labels(str(worker_index)).set(len(restored))
         if restored:
             stats.add(Counter({"restored": len(restored)}))
             stats.set_held(worker_index, len(restored))
@@ -480,6 +488,7 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
 
     def _error(self, exc: BaseException, first: bool) -> None:
         self._stats.add(Counter({"redis_errors": 1}))
+        _UNAVAILABLE.inc()
         if first:
             log.warning("push sink worker %d: Redis unreachable (%s: %s): holding pushes "
                         "(at most %d), retrying every %.1f s", self._worker,
@@ -539,6 +548,7 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
         cap = self._cfg.max_held_effects
         pending = items
         waited_since: float | None = None
+        mark = 0.0  # the end of the back-pressure wait counted so far
         with self._cond:
             while True:
                 if self._fatal is not None:
@@ -555,11 +565,15 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
                 if not pending:
                     break
                 if waited_since is None:
-                    waited_since = time.monotonic()
+                    waited_since = mark = time.monotonic()
                     self._stats.add(Counter({"backpressure": 1}))
                     log.warning("push sink worker %d: %d pushes held, the limit: waiting "
                                 "for Redis (back-pressure)", self._worker, len(self._held))
                 self._cond.wait(self._cfg.retry_interval_s)
+                # moved per wait (one retry interval), so it rises during a long outage
+                now = time.monotonic()
+                metrics.PUSH_SINK_BACKPRESSURE.inc(now - mark)
+                mark = now
         if waited_since is not None:
             ms = int((time.monotonic() - waited_since) * 1000)
             self._stats.add(Counter({"backpressure_ms": ms}))
@@ -605,6 +619,7 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
                             left_held, self._spool.path)
             else:
                 self._stats.add(Counter({"lost": left_held}))
+                metrics.PUSH_SINK.labels("lost").inc(left_held)
                 log.error("push sink worker %d: closing with %d held push(es) and no "
                           "spool_dir: they are lost", self._worker, left_held)
         if self._spool is not None:

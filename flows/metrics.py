@@ -9,9 +9,12 @@ per shard and per stats interval, dead-letter reasons per batch): see
 in a cluster only the process whose worker owns the stats key reports them (sum over
 processes in PromQL).
 
+The fault-handling metrics (Redis outages, Kafka client errors and offset resets)
+move per batch, per failed attempt or per retry interval, never per event.
+
 Label values are bounded: event types, dead-letter reasons, rule ids, guard names,
-alert types, webhook target indexes, Redis operation names, Kafka topic/partition.
-Never customer, terminal or hall ids.
+alert types, webhook target indexes, Redis operation names, worker indexes, Kafka
+topic/partition, librdkafka error names. Never customer, terminal or hall ids.
 
 :func:`start_metrics_server` serves ``/metrics`` over HTTP (``engine.metrics_port``).
 """
@@ -32,13 +35,20 @@ __all__ = [
     "CONVERSIONS",
     "DEAD_LETTERS",
     "EVENTS",
+    "KAFKA_CLIENT_ERRORS",
     "KAFKA_CONSUMER_LAG",
+    "KAFKA_OFFSET_RESETS",
     "LATENCY_BUCKETS_S",
+    "OPS_FEED_DROPPED",
+    "PROFILE_DEGRADED_READS",
     "PUSHES",
     "PUSHES_BLOCKED",
     "PUSH_LATENCY",
     "PUSH_SINK",
+    "PUSH_SINK_BACKPRESSURE",
+    "REDIS_HELD_PUSHES",
     "REDIS_RTT",
+    "REDIS_UNAVAILABLE",
     "WEBHOOK_FAILURES",
     "WEBHOOK_RETRIES",
     "WEBHOOK_SENT",
@@ -72,7 +82,8 @@ PUSHES = Counter(
 PUSHES_BLOCKED = Counter(
     "touchstream_pushes_blocked",
     "Pushes a rule triggered but a guard of the engine blocked, by rule and guard "
-    "(once_per, opt_out, cap)",
+    "(once_per, opt_out, cap; when: the rule's CEL condition was false; when_error: it "
+    "could not be evaluated, which counts as false)",
     ["rule", "guard"],
 )
 ALERTS = Counter(
@@ -96,8 +107,9 @@ PUSH_LATENCY = Histogram(
 )
 PUSH_SINK = Counter(
     "touchstream_push_sink_pushes",
-    "Pushes reaching the Redis push sink, by outcome: written, or the shared guard "
-    "store's decision (duplicate, cap, once) when it refused them",
+    "Pushes reaching the Redis push sink, by outcome: written, the shared guard "
+    "store's decision (duplicate, cap, once) when it refused them, or lost (still held "
+    "for an unreachable Redis when the sink closed, with no spool_dir to keep them)",
     ["outcome"],
 )
 REDIS_RTT = Histogram(
@@ -123,13 +135,68 @@ WEBHOOK_FAILURES = Counter(
     "encode_error, error)",
     ["target", "reason"],
 )
+
+# --- Redis outages (connectors/redis_push.py, connectors/ops_feed.py, state/redis_store.py)
+
+REDIS_UNAVAILABLE = Counter(
+    "touchstream_redis_unavailable",
+    "Redis calls that failed because Redis was unreachable (connection refused or "
+    "reset, timeout, cluster down, ...), by op: push (a push sink write or retry of "
+    "held pushes), profiles (a profile read, or a probe while they are down), ops_feed "
+    "(an ops feed write, or a probe while it is down). Moves per failed attempt (at "
+    "most once per retry interval while down), never per event",
+    ["op"],
+)
+REDIS_HELD_PUSHES = Gauge(
+    "touchstream_redis_held_pushes",
+    "Pushes the Redis push sink holds for an unreachable Redis (delivered in order "
+    "once it answers), per worker; at most redis.max_held_effects",
+    ["worker"],
+)
+PUSH_SINK_BACKPRESSURE = Counter(
+    "touchstream_push_sink_backpressure_seconds",
+    "Seconds the Redis push sink made the flow wait because its hold was full (Redis "
+    "unreachable for a while): back-pressure instead of dropping pushes. Moves while "
+    "the wait lasts (every retry interval)",
+)
+PROFILE_DEGRADED_READS = Counter(
+    "touchstream_profile_degraded_reads",
+    "Profile reads while Redis was unreachable, by outcome: stale (a profile served "
+    "from its last known copy, counted per profile) or wait (a batch read that waited "
+    "for Redis because some of its customers were never read before, counted per "
+    "read)",
+    ["outcome"],
+)
+OPS_FEED_DROPPED = Counter(
+    "touchstream_ops_feed_dropped",
+    "Ops feed items skipped while Redis was unreachable (a dashboard view: the pushes "
+    "and alerts themselves are still delivered), by kind (push, alert, stats)",
+    ["kind"],
+)
+
+# --- Kafka (connectors/kafka.py) -------------------------------------------------------
+
 KAFKA_CONSUMER_LAG = Gauge(
     "touchstream_kafka_consumer_lag",
     "Messages not yet read, per input partition: the consumer's cached high watermark "
-    "minus the next offset to read, updated at most every few seconds, clamped at 0. "
-    "On Tansu the high watermark can be the last batch's base offset + 1, so the lag "
-    "can read low (by up to that batch's size)",
+    "(from Fetch responses, no extra request) minus the next offset to read, updated at "
+    "most every few seconds, clamped at 0. The cached value is exact, on Tansu 0.6.0 "
+    "too (only a ListOffsets query answers the last batch's base offset + 1 there)",
     ["topic", "partition"],
+)
+KAFKA_CLIENT_ERRORS = Counter(
+    "touchstream_kafka_client_errors",
+    "Errors the Kafka clients reported, by client (consumer, producer) and librdkafka "
+    "error name (e.g. _TRANSPORT, _ALL_BROKERS_DOWN while a broker is down; librdkafka "
+    "retries those by itself)",
+    ["client", "error"],
+)
+KAFKA_OFFSET_RESETS = Counter(
+    "touchstream_kafka_offset_resets",
+    "Input partitions moved because their position was outside the broker's log (the "
+    "broker lost data, the topic was recreated, or retention deleted unread records), "
+    "by topic, partition and policy (earliest, latest, fail)",
+    ["topic", "partition", "policy"],
 )
 
 

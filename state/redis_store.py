@@ -79,7 +79,7 @@ from redis.exceptions import (
 from redis.typing import EncodableT, FieldT
 
 from flows.codec import json_dumps, json_loads, unpack
-from flows.metrics import REDIS_RTT
+from flows.metrics import PROFILE_DEGRADED_READS, REDIS_RTT, REDIS_UNAVAILABLE
 from flows.model import Profile, profile_from_dict
 from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
@@ -246,6 +246,8 @@ _REPLACE_HASH_LUA: Final = (
 
 
 _PROFILE_RTT = REDIS_RTT.labels("profile_get")
+_PROFILE_STALE = PROFILE_DEGRADED_READS.labels("stale")
+_PROFILE_WAIT = PROFILE_DEGRADED_READS.labels("wait")
 
 
 # --- outages ----------------------------------------------------------------------------
@@ -269,16 +271,18 @@ class RedisHealth:
     thread that sends ``PING`` every ``retry_interval_s`` until one succeeds; callers
     read :attr:`up` instead of paying the client's own retries on every call, and
     :meth:`wait_up` blocks until Redis answers again. Counts :attr:`errors` (failed
-    commands and probes) and :attr:`outages`. Thread-safe.
+    commands and probes; also in ``touchstream_redis_unavailable_total`` with the label
+    ``op``, default ``name``) and :attr:`outages`. Thread-safe.
     """
 
     def __init__(self, client: RedisClient, retry_interval_s: float = 0.5, *,
-                 name: str = "redis") -> None:
+                 name: str = "redis", op: str | None = None) -> None:
         if retry_interval_s <= 0:
             raise ValueError("retry_interval_s must be positive")
         self._client = client
         self._interval = retry_interval_s
         self._name = name
+        self._unavailable = REDIS_UNAVAILABLE.labels(name if op is None else op)
         self._cond = threading.Condition()
         self._up = True
         self._since = 0.0
@@ -294,6 +298,7 @@ class RedisHealth:
 
     def mark_down(self, exc: BaseException) -> None:
         """Record a failed command; on the first one of an outage start probing."""
+        self._unavailable.inc()
         with self._cond:
             self.errors += 1
             if self._up:
@@ -326,6 +331,7 @@ class RedisHealth:
             try:
                 self._client.ping()
             except UNAVAILABLE:
+                self._unavailable.inc()
                 with self._cond:
                     self.errors += 1
                 continue
@@ -402,7 +408,9 @@ class RedisProfileStore:
     After the first failed read, Redis is not called again until a background
     ``PING`` every ``retry_interval_s`` gets an answer (:class:`RedisHealth`), so the
     flow does not pay the client's connection retries on every batch. ``put_many`` is
-    a write an operator asked for: it raises as before.
+    a write an operator asked for: it raises as before. In Prometheus:
+    ``touchstream_profile_degraded_reads_total{outcome="stale"|"wait"}`` (per batch) and
+    ``touchstream_redis_unavailable_total{op="profiles"}``.
     """
 
     def __init__(
@@ -516,6 +524,8 @@ class RedisProfileStore:
                     rest.append(cid)
                 else:
                     out[cid] = stale
+            if len(rest) < len(todo):  # once per batch, not per profile
+                _PROFILE_STALE.inc(len(todo) - len(rest))
             if not rest:
                 return out
             todo = rest
@@ -523,6 +533,7 @@ class RedisProfileStore:
                 waited = True
                 with self._lock:
                     self.unreachable_waits += 1
+                _PROFILE_WAIT.inc()
                 log.warning("profiles: %d customer(s) never read before; waiting for Redis",
                             len(rest))
             self.health.wait_up(self._retry_s)

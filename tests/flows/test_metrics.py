@@ -1,5 +1,7 @@
 """Engine Prometheus metrics (flows/metrics.py): counters from the stats step, push
-latency and Redis round trips in the push sink, webhook counters, Kafka lag, /metrics.
+latency and Redis round trips in the push sink, Redis outage metrics (held pushes,
+unavailable calls, back-pressure, lost pushes, degraded profile reads, ops feed drops),
+webhook counters, Kafka lag, /metrics.
 
 The default registry is process-global: every test compares values before and after.
 """
@@ -10,6 +12,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,17 +25,19 @@ from prometheus_client import REGISTRY
 from bench.services import free_port
 from connectors.console import ConsoleView
 from connectors.kafka import KafkaInput
+from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput
 from connectors.redis_push import RedisPushConfig, RedisPushOutput
 from connectors.webhook import RetryPolicy, WebhookOutput
 from flows.codec import json_dumps
 from flows.experience import Outputs, build_flow
-from flows.metrics import start_metrics_server
-from flows.model import Alert, Push, PushGuard, RawRecord
+from flows.metrics import count_stat_delta, start_metrics_server
+from flows.model import Alert, Profile, Push, PushGuard, RawRecord
 from flows.rules import load_default_rules
 from flows.runner import run_live
 from flows.settings import WebhookTarget, load_settings
 from state.profiles import InMemoryProfileStore
 from state.redis_store import RedisGuardStore, RedisProfileStore
+from tests.faults.redis_server import PersistentRedis, fast_client
 from tests.flows.helpers import profile
 
 
@@ -126,6 +131,19 @@ def test_live_flow_moves_event_push_dead_letter_counters() -> None:
     assert doc["rules"]["setup-first"]["blocked"] == {"opt_out": 1}
 
 
+def test_blocked_by_a_rule_condition_is_a_guard_label() -> None:
+    snap = Snapshot(
+        ("touchstream_pushes_blocked_total", {"rule": "metrics-when", "guard": "when"}),
+        ("touchstream_pushes_blocked_total", {"rule": "metrics-when", "guard": "when_error"}),
+    )
+    count_stat_delta({("rule", "metrics-when", "blocked:when"): 2,
+                      ("rule", "metrics-when", "blocked:when_error"): 1})
+    assert snap.delta("touchstream_pushes_blocked_total", rule="metrics-when",
+                      guard="when") == 2
+    assert snap.delta("touchstream_pushes_blocked_total", rule="metrics-when",
+                      guard="when_error") == 1
+
+
 # --- Redis push sink and profile store -----------------------------------------------
 
 
@@ -166,7 +184,8 @@ def test_redis_push_sink_observes_latency_and_rtt(redis_url: str) -> None:
                       le="0.025") == 0
     assert snap.delta("touchstream_push_latency_seconds_bucket", rule="metrics-rule",
                       le="10.0") == 3
-    assert snap.delta("touchstream_redis_rtt_seconds_count", op="push_write") == 1
+    # the repeat is appended only if its delivery marker is absent: a second append trip
+    assert snap.delta("touchstream_redis_rtt_seconds_count", op="push_write") == 2
     assert snap.delta("touchstream_redis_rtt_seconds_count", op="push_guard") == 2
     assert snap.delta("touchstream_push_sink_pushes_total", outcome="written") == 3
     assert snap.delta("touchstream_push_sink_pushes_total", outcome="duplicate") == 1
@@ -179,6 +198,169 @@ def test_redis_push_sink_observes_latency_and_rtt(redis_url: str) -> None:
     finally:
         client.close()
     assert snap.delta("touchstream_redis_rtt_seconds_count", op="profile_get") == 1
+
+
+# --- Redis outages: push sink, ops feed, profiles ----------------------------------------
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def _held(worker: int) -> float | None:
+    return REGISTRY.get_sample_value("touchstream_redis_held_pushes", {"worker": str(worker)})
+
+
+@pytest.mark.integration
+def test_push_sink_outage_moves_held_unavailable_and_backpressure(tmp_path: Path) -> None:
+    """Redis not running yet (its port closed): pushes are held (gauge), each failed
+    attempt counted, a full hold makes the flow wait (seconds counted while it waits);
+    once Redis runs the hold drains to 0 and every push is written."""
+    server = PersistentRedis(tmp_path / "redis")  # not started: nothing on its port
+    worker = 41  # a label of this test alone
+    snap = Snapshot(
+        ("touchstream_redis_unavailable_total", {"op": "push"}),
+        ("touchstream_push_sink_backpressure_seconds_total", {}),
+        ("touchstream_push_sink_pushes_total", {"outcome": "written"}),
+    )
+    cfg = RedisPushConfig(url=server.url, retry_interval_s=0.05, max_held_effects=3)
+    sink = RedisPushOutput(cfg, client_factory=lambda: fast_client(server.url))
+    part = sink.build("pushes", worker, worker + 1)
+    writer: threading.Thread | None = None
+    try:
+        assert _held(worker) == 0  # the series exists before anything is held
+        t = now_ms()
+        part.write_batch([_push(i, t) for i in range(2)])  # returns: held
+        assert _held(worker) == 2
+        assert snap.delta("touchstream_redis_unavailable_total", op="push") >= 1
+        assert snap.delta("touchstream_push_sink_backpressure_seconds_total") == 0
+
+        errors: list[BaseException] = []
+
+        def write_more() -> None:
+            try:
+                part.write_batch([_push(i, t) for i in range(2, 5)])  # 1 fits, 2 wait
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=write_more, name="metrics-backpressure")
+        writer.start()
+        # the wait is counted while it lasts, not only when it ends
+        assert wait_until(lambda: snap.delta(
+            "touchstream_push_sink_backpressure_seconds_total") > 0)
+        assert writer.is_alive()
+        assert _held(worker) == 3  # at the bound
+        failed = snap.delta("touchstream_redis_unavailable_total", op="push")
+        assert wait_until(lambda: snap.delta("touchstream_redis_unavailable_total",
+                                             op="push") > failed)  # retries count too
+
+        server.start()
+        writer.join(30)
+        assert not writer.is_alive() and not errors
+        assert wait_until(lambda: _held(worker) == 0)
+        assert snap.delta("touchstream_push_sink_pushes_total", outcome="written") == 5
+        assert sink.stats()["backpressure"] == 1
+    finally:
+        part.close()
+        server.stop()
+        if writer is not None:
+            writer.join(5)
+
+
+def test_push_sink_counts_pushes_lost_at_close_without_a_spool() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    snap = Snapshot(("touchstream_push_sink_pushes_total", {"outcome": "lost"}),
+                    ("touchstream_redis_unavailable_total", {"op": "push"}))
+    cfg = RedisPushConfig(url=url, retry_interval_s=0.05, close_timeout_s=0.0)
+    sink = RedisPushOutput(cfg, client_factory=lambda: fast_client(url))
+    part = sink.build("pushes", 42, 43)
+    part.write_batch([_push(i, now_ms()) for i in range(3)])
+    part.close()
+    assert snap.delta("touchstream_push_sink_pushes_total", outcome="lost") == 3
+    assert sink.stats()["lost"] == 3
+    assert snap.delta("touchstream_redis_unavailable_total", op="push") >= 1
+
+
+def test_ops_feed_counts_dropped_items_by_kind() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    snap = Snapshot(
+        ("touchstream_ops_feed_dropped_total", {"kind": "push"}),
+        ("touchstream_ops_feed_dropped_total", {"kind": "alert"}),
+        ("touchstream_ops_feed_dropped_total", {"kind": "stats"}),
+        ("touchstream_redis_unavailable_total", {"op": "ops_feed"}),
+    )
+    feed = OpsFeedOutput(OpsFeedConfig(url=url, retry_interval_s=0.05),
+                         client_factory=lambda: fast_client(url))
+    part = feed.build("ops", 0, 1)
+    alert = Alert(id="a1", type="touchstream.dwell.step", source="/t", time_ms=1,
+                  subject="s", data={})
+    t = now_ms()
+    try:
+        part.write_batch([_push(1, t), alert, {"events": {}}])  # meets the error
+        assert snap.delta("touchstream_redis_unavailable_total", op="ops_feed") >= 1
+        part.write_batch([_push(2, t), _push(3, t)])  # skipped without calling Redis
+    finally:
+        part.close()
+    assert snap.delta("touchstream_ops_feed_dropped_total", kind="push") == 3
+    assert snap.delta("touchstream_ops_feed_dropped_total", kind="alert") == 1
+    assert snap.delta("touchstream_ops_feed_dropped_total", kind="stats") == 1
+    assert feed.stats()["dropped_pushes"] == 3
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.integration
+def test_profile_reads_during_an_outage_count_stale_and_wait(tmp_path: Path) -> None:
+    server = PersistentRedis(tmp_path / "redis")
+    server.start()
+    snap = Snapshot(
+        ("touchstream_profile_degraded_reads_total", {"outcome": "stale"}),
+        ("touchstream_profile_degraded_reads_total", {"outcome": "wait"}),
+        ("touchstream_redis_unavailable_total", {"op": "profiles"}),
+    )
+    clock = _Clock()
+    client = fast_client(server.url)
+    store = RedisProfileStore(client, cache_ttl_s=5.0, now=clock, retry_interval_s=0.05)
+    reader: threading.Thread | None = None
+    try:
+        store.put_many([Profile("C1", segment="gold"), Profile("C2", segment="new")])
+        store.get_many(["C1", "C3"])  # read once: known from now on
+        server.stop()
+        clock.t += 60  # expired: served stale while Redis is down
+        assert store.get_many(["C1", "C3"]) == {"C1": Profile("C1", segment="gold"),
+                                                "C3": Profile("C3")}
+        assert snap.delta("touchstream_profile_degraded_reads_total", outcome="stale") == 2
+        assert snap.delta("touchstream_redis_unavailable_total", op="profiles") >= 1
+        assert snap.delta("touchstream_profile_degraded_reads_total", outcome="wait") == 0
+
+        got: dict[str, Profile] = {}
+        reader = threading.Thread(target=lambda: got.update(store.get_many(["C1", "C2"])))
+        reader.start()  # C2 was never read: this read waits for Redis
+        assert wait_until(lambda: snap.delta("touchstream_profile_degraded_reads_total",
+                                             outcome="wait") == 1)
+        assert reader.is_alive()
+        server.start()
+        reader.join(30)
+        assert got == {"C1": Profile("C1", segment="gold"), "C2": Profile("C2", segment="new")}
+        assert snap.delta("touchstream_profile_degraded_reads_total", outcome="wait") == 1
+        assert snap.delta("touchstream_profile_degraded_reads_total", outcome="stale") == 3
+    finally:
+        store.close()
+        client.close()
+        server.stop()
+        if reader is not None:
+            reader.join(5)
 
 
 # --- webhooks -------------------------------------------------------------------------
@@ -237,7 +419,7 @@ def test_kafka_lag_for_a_partition_with_unread_messages(
     topic = tansu_topic(1)
     producer = Producer({"bootstrap.servers": tansu, "linger.ms": 0})
     total = 30
-    for i in range(total):  # one batch each: Tansu's high watermark is then exact
+    for i in range(total):  # one batch per message
         producer.produce(topic, value=b'{"i": %d}' % i, key=b"k")
         producer.flush(10)
     source = KafkaInput(tansu, {topic: "json"}, batch_size=5, poll_timeout_s=0.2,
