@@ -51,7 +51,7 @@ from flows.metrics import OPS_FEED_DROPPED
 from flows.model import Alert, Push
 from flows.rules import RuleSet
 from flows.settings import RedisSettings
-from state.redis_store import UNAVAILABLE, RedisClient, RedisHealth, connect
+from state.redis_store import MISCONFIGURED, UNAVAILABLE, RedisClient, RedisHealth, connect
 
 __all__ = ["OpsFeedConfig", "OpsFeedOutput", "push_summary", "rules_summary", "write_rules"]
 
@@ -215,6 +215,8 @@ class _OpsFeedPartition(StatelessSinkPartition[Any]):
                     pipe.execute_command("PUBLISH", cfg.key("events"), kind)
             try:
                 pipe.execute()
+            except MISCONFIGURED:
+                raise
             except UNAVAILABLE as exc:
                 self._health.mark_down(exc)
                 self._stats.add(Counter({"redis_errors": 1}))

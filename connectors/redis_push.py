@@ -88,7 +88,14 @@ from flows.codec import DecodeError, json_dumps, json_loads
 from flows.model import Push, PushGuard
 from flows.settings import RedisSettings
 from state.guards import GuardRequest, GuardStore
-from state.redis_store import UNAVAILABLE, RedisClient, RedisGuardStore, connect, run_scripts
+from state.redis_store import (
+    MISCONFIGURED,
+    UNAVAILABLE,
+    RedisClient,
+    RedisGuardStore,
+    connect,
+    run_scripts,
+)
 
 __all__ = [
     "GuardSpec",
@@ -526,11 +533,13 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
                     left = len(self._held)
                     self._stats.set_held(self._worker, left)
                     self._cond.notify_all()
-            except UNAVAILABLE as exc:
-                self._error(exc, first=False)
-                wait = True
-                continue
-            except BaseException as exc:  # not an outage: the next write_batch raises it
+            except BaseException as exc:
+                # an outage: retry later; wrong credentials or ACL (MISCONFIGURED) and
+                # anything else: the next write_batch raises it
+                if isinstance(exc, UNAVAILABLE) and not isinstance(exc, MISCONFIGURED):
+                    self._error(exc, first=False)
+                    wait = True
+                    continue
                 with self._cond:
                     self._fatal = exc
                     self._thread = None
@@ -591,6 +600,8 @@ class _RedisPushPartition(StatelessSinkPartition[Push]):
             try:
                 self._deliver(items)
                 return
+            except MISCONFIGURED:
+                raise
             except UNAVAILABLE as exc:
                 self._since = time.monotonic()
                 self._error(exc, first=True)

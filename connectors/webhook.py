@@ -937,6 +937,7 @@ class _Outbox:
         self.done_keep = done_keep
         self.done_ttl_ms = int(done_ttl_s * 1000)
         self.targets = {t.key: t for t in targets}
+        self._gauge = metrics.WEBHOOK_OUTBOX_PENDING.labels(str(worker_index))
         self.pending: dict[int, _Pending] = {}  # journal order: the sender's FIFO
         self.done: OrderedDict[int, int] = OrderedDict()  # pair hash -> wall ms, oldest first
         self.torn = 0  # torn last lines dropped (a crash mid-write)
@@ -957,6 +958,7 @@ class _Outbox:
         except BaseException:
             _unlock_file(self._lock_fd)
             raise
+        self._gauge.set(len(self.pending))
         if self.pending or self.torn or self.corrupt:
             logger.info(
                 "webhook outbox %s: %d pending entr(ies) to resend, %d done ids remembered, "
@@ -1060,6 +1062,7 @@ class _Outbox:
     def _forget_pending(self, key: int) -> _Pending | None:
         p = self.pending.pop(key, None)
         if p is not None:
+            self._gauge.set(len(self.pending))
             self._pending_bytes -= p.length
             if p.alert is not None:
                 self._cached -= 1
@@ -1121,6 +1124,7 @@ class _Outbox:
                         os.ftruncate(self._fd, start)  # no half line before the next one
                     raise
                 self.size = offset
+                self._gauge.set(len(self.pending))
             self.duplicates += len(dups)
         return bad, dups
 

@@ -50,6 +50,7 @@ __all__ = [
     "REDIS_RTT",
     "REDIS_UNAVAILABLE",
     "WEBHOOK_FAILURES",
+    "WEBHOOK_OUTBOX_PENDING",
     "WEBHOOK_RETRIES",
     "WEBHOOK_SENT",
     "MetricsServer",
@@ -131,9 +132,14 @@ WEBHOOK_RETRIES = Counter(
 WEBHOOK_FAILURES = Counter(
     "touchstream_webhook_failures",
     "Alerts a webhook target did not get (sent to the dead-letter path), by target and "
-    "reason (queue_full, rejected, retries_exhausted, retry_budget_exhausted, shutdown, "
-    "encode_error, error)",
+    "reason (rejected, retries_exhausted, retry_budget_exhausted, encode_error, error, "
+    "target_removed; queue_full and shutdown only without an outbox)",
     ["target", "reason"],
+)
+WEBHOOK_OUTBOX_PENDING = Gauge(
+    "touchstream_webhook_outbox_pending",
+    "Alerts journaled in the webhook outbox and not yet delivered or dead-lettered, per worker",
+    ["worker"],
 )
 
 # --- Redis outages (connectors/redis_push.py, connectors/ops_feed.py, state/redis_store.py)

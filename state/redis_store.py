@@ -70,6 +70,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     ClusterError,
     NoScriptError,
     ReadOnlyError,
@@ -79,6 +81,7 @@ from redis.exceptions import (
 from redis.typing import EncodableT, FieldT
 
 from flows.codec import json_dumps, json_loads, unpack
+from flows.masking import mask_id
 from flows.metrics import PROFILE_DEGRADED_READS, REDIS_RTT, REDIS_UNAVAILABLE
 from flows.model import Profile, profile_from_dict
 from flows.settings import RedisSettings
@@ -262,6 +265,12 @@ UNAVAILABLE: Final[tuple[type[Exception], ...]] = (
 )
 """What "Redis is unreachable for now" looks like: retrying later may succeed. Any other
 error (a key of the wrong type, a script error) is not an outage and is raised."""
+
+MISCONFIGURED: Final[tuple[type[Exception], ...]] = (AuthenticationError, AuthorizationError)
+"""Wrong credentials or a user without the needed permissions: redis-py raises them as
+``ConnectionError`` subclasses, but waiting will not mend them, so callers let them fail
+the flow instead of holding effects for ever (catch these before :data:`UNAVAILABLE`)."""
+
 
 
 class RedisHealth:
@@ -485,7 +494,8 @@ class RedisProfileStore:
         except ValueError as exc:
             with self._lock:
                 self.bad_profiles += 1
-            log.warning("unreadable profile hash %s: %s", self.key(customer_id), exc)
+            log.warning("unreadable profile hash %s%s: %s", self._prefix, mask_id(customer_id),
+                        exc)
             return Profile(customer_id)
 
     def _fetch(self, customer_ids: Sequence[str]) -> list[Mapping[bytes | str, bytes | str]]:
@@ -509,6 +519,8 @@ class RedisProfileStore:
             if self.health.up:
                 try:
                     replies = self._fetch(todo)
+                except MISCONFIGURED:
+                    raise
                 except UNAVAILABLE as exc:
                     self.health.mark_down(exc)
                 else:

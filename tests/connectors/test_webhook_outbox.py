@@ -26,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 
 from connectors import webhook as wh
 from connectors.webhook import RetryPolicy, WebhookCounts, WebhookOutput
+from flows import metrics
 from flows.model import Alert
 from tests.connectors.test_webhook import (
     SECRET,
@@ -143,11 +144,16 @@ def test_restart_resends_undelivered_entries_with_the_same_webhook_id(tmp_path: 
     first = leave_pending(box, alerts)
     assert ids(first) == ["a1"]  # a1 was tried once; a2 never left the journal
 
-    rec = Recorder(ok)
+    gauge = metrics.WEBHOOK_OUTBOX_PENDING.labels("0")
+    gate = threading.Event()
+    rec = Recorder(lambda req, n: httpx.Response(200) if gate.wait(10) else httpx.Response(500))
     sink, dl = outbox_sink(box, rec)
     part = sink.build("webhooks", 0, 1)  # reads the journal: both are queued again
+    assert gauge._value.get() == 2  # both pending until the receiver answers
+    gate.set()
     wait_for(lambda: len(rec.requests) == 2)
     part.close()
+    assert gauge._value.get() == 0
     assert ids(rec) == ["a1", "a2"]
     assert rec.requests[0].headers["webhook-id"] == first.requests[0].headers["webhook-id"]
     for req, alert in zip(rec.requests, alerts, strict=True):

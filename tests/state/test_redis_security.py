@@ -795,3 +795,37 @@ def test_gateway_client_over_tls(server: Server, admin: redis.Redis, pw: Secrets
 
     with pytest.raises(redis.exceptions.ConnectionError):
         asyncio.run(refused())
+
+
+def test_wrong_credentials_fail_the_flow_instead_of_holding(
+    server: Server, pw: Secrets, tmp_path: Path
+) -> None:
+    """AUTH refused is a ConnectionError in redis-py, but no outage: waiting will not mend
+    it, so the push sink, the profile store and the ops feed raise instead of holding."""
+    url = f"redis://127.0.0.1:{server.port}/0"
+    bad = tmp_path / "bad.pw"
+    bad.write_text("not-the-password\n")
+    settings = RedisSettings(url=SecretStr(url), username="touchstream", password_file=bad)
+    factory = functools.partial(make_client, settings, retry=Retry(NoBackoff(), 0))
+    sink = RedisPushOutput(RedisPushConfig.from_settings(settings), guard=RedisGuardStore,
+                           client_factory=factory)
+    part = sink.build("pushes", 0, 1)
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            part.write_batch([_push(0, "13800001234")])
+        assert sink.stats().get("held", 0) == 0
+    finally:
+        part.close()
+    client = factory()
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            RedisProfileStore(client, cache_ttl_s=0).get_many(["13800001234"])
+    finally:
+        client.close()
+    feed = OpsFeedOutput(OpsFeedConfig.from_settings(settings), client_factory=factory)
+    fpart = feed.build("ops", 0, 1)
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            fpart.write_batch([_push(0, "13800001234")])
+    finally:
+        fpart.close()
