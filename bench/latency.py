@@ -313,6 +313,7 @@ class _Engine:
         if kafka_config:
             env["TOUCHSTREAM_KAFKA__CONFIG"] = json.dumps(kafka_config)
         env.setdefault("PYTHONPATH", str(REPO))
+        env["TOUCHSTREAM_RECOVERY__ENABLED"] = "false"  # no snapshots in the cwd; see README
         cmd = [sys.executable, "-m", "flows.cli", "run", "--kafka", brokers, "--redis", redis_url]
         if rules_file is not None:
             cmd += ["--rules", str(rules_file)]

@@ -719,13 +719,20 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
                 self._raise_failures()
 
     def write_batch(self, items: list[KafkaMessage]) -> None:
-        """Queue every message (waiting when the queue is full), then serve callbacks.
+        """Queue every message (waiting when the queue is full) and wait for the broker.
 
-        :raises KafkaDeliveryError: if any message failed since the last call.
+        Bytewax commits an epoch's snapshot once every sink's ``write_batch`` for it has
+        returned, so returning with messages still in librdkafka's queue would lose them
+        on a crash (they are never replayed). The batch is therefore flushed before
+        returning: while the broker is away this waits (back-pressure) until every
+        message is acknowledged or fails by ``message.timeout.ms``.
+
+        :raises KafkaDeliveryError: if any message failed.
         """
         for m in items:
             self._produce(m)
-        self._producer.poll(0)
+        while self._producer.flush(self._retry_poll_s) > 0:
+            self._raise_failures()
         self._raise_failures()
 
     def close(self) -> None:

@@ -7,14 +7,23 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from connectors.console import ConsoleView
 from connectors.kafka import create_topics
 from flows.rules import RulesError, load_rules
-from flows.runner import all_topics, load_rule_set, replay, run_live
+from flows.runner import (
+    RecoveryDirError,
+    all_topics,
+    load_rule_set,
+    recovery_dir,
+    replay,
+    run_live,
+)
 from flows.settings import Settings, load_settings
+from flows.shutdown import StopRequest, handle_stop_signals
 from gateway.cli import add_commands as add_gateway_commands
 from state.profiles import read_profiles_jsonl
 from state.redis_store import RedisProfileStore, make_client
@@ -40,15 +49,46 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     return load_settings(getattr(args, "config", None), **overrides)
 
 
+class FlagError(ValueError):
+    """A command-line flag that must not be used as given."""
+
+
+def _check_redis_flag(url: str) -> None:
+    """Refuse a ``--redis`` URL with a password: argv is visible to every local user."""
+    try:
+        has_password = urlsplit(url).password is not None
+    except ValueError:
+        has_password = False  # not a URL at all: the settings check reports it
+    if has_password:
+        raise FlagError(
+            "--redis: the URL holds a password, and command-line arguments are visible to "
+            "every local user (ps, /proc); give the URL without it and the password in "
+            "TOUCHSTREAM_REDIS__PASSWORD_FILE (a file), TOUCHSTREAM_REDIS__PASSWORD or the "
+            "[redis] section of the --config file, or the whole URL in TOUCHSTREAM_REDIS__URL"
+        )
+
+
 def _wire_overrides(args: argparse.Namespace) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if getattr(args, "kafka", None):
         over["kafka"] = {"brokers": args.kafka}
     if getattr(args, "redis", None):
+        _check_redis_flag(args.redis)
         over["redis"] = {"url": args.redis}
     if getattr(args, "webhook", None):
         over["webhook_url"] = args.webhook
     return over
+
+
+def _recovery_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    if getattr(args, "no_recovery", False):
+        rec["enabled"] = False
+    if getattr(args, "recovery_dir", None) is not None:
+        rec["dir"] = args.recovery_dir
+    if getattr(args, "snapshot_interval", None) is not None:
+        rec["snapshot_interval_s"] = args.snapshot_interval
+    return {"recovery": rec} if rec else {}
 
 
 def _merge(settings: Settings, over: dict[str, Any]) -> Settings:
@@ -70,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _merge(
         _settings(args, mode="live", rules_file=args.rules, profiles_file=args.profiles,
                   demo_seed=args.seed, demo_rate=args.rate),
-        _wire_overrides(args),
+        _wire_overrides(args) | _recovery_overrides(args),
     )
     es = settings.engine
     if es.addresses and not settings.kafka.brokers:
@@ -89,12 +129,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if es.addresses:
         where.append(f"process {es.process_id} of {len(es.addresses)} "
                      f"({es.addresses[es.process_id or 0]})")
+    if settings.recovery_on():
+        where.append(f"recovery in {recovery_dir(settings)} every "
+                     f"{settings.recovery.snapshot_interval_s:g} s")
     print(f"touchstream: live on {', '.join(where)}; rules {rules.source} "
           f"v{rules.version} ({len(rules.rules)} rules); "
-          + (f"stopping after {args.duration:g} s" if args.duration else "Ctrl-C to stop"),
+          + (f"stopping after {args.duration:g} s" if args.duration else
+             "Ctrl-C or SIGTERM to stop"),
           flush=True)
-    run_live(settings, duration_s=args.duration, console=view)
-    print(f"touchstream: done: {view.counts['push']} pushes, {view.counts['alert']} alerts, "
+    stop = StopRequest()
+    # From here on SIGTERM / Ctrl-C stop cleanly, also while the flow is being set up.
+    with handle_stop_signals(stop):
+        run_live(settings, duration_s=args.duration, console=view, stop=stop,
+                 handle_signals=False)
+    how = f"stopped by {stop.reason}" if stop.is_set() else "done"
+    print(f"touchstream: {how}: {view.counts['push']} pushes, {view.counts['alert']} alerts, "
           f"{view.counts['dead_letter']} dead letters", flush=True)
     return 0
 
@@ -153,6 +202,16 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="touchstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,7 +230,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--redis", metavar="URL", help="redis://HOST:PORT/DB")
         if "webhook" in which:
             sp.add_argument("--webhook", metavar="URL",
-                            help="alert webhook (secret: TOUCHSTREAM_WEBHOOK_SECRET)")
+                            help="alert webhook (secret: TOUCHSTREAM_WEBHOOK_SECRET_FILE or "
+                            "TOUCHSTREAM_WEBHOOK_SECRET; a URL that is itself a credential, "
+                            "like Slack's, belongs in TOUCHSTREAM_WEBHOOK_URL: flags show in ps)")
 
     run = sub.add_parser("run", help="live engine (demo traffic unless --kafka)")
     common(run)
@@ -179,6 +240,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--seed", type=int, default=7, help="demo traffic seed")
     run.add_argument("--rate", type=float, default=20.0, help="demo background events/s")
+    rec = run.add_argument_group(
+        "recovery", "snapshots of state and input offsets, to resume after a crash or stop "
+        "(on by default with --kafka)")
+    rec.add_argument("--recovery-dir", type=Path, metavar="DIR",
+                     help="recovery directory (default ./touchstream-recovery; made on first "
+                     "start)")
+    rec.add_argument("--no-recovery", action="store_true",
+                     help="no snapshots: a restart starts from scratch (kafka.start)")
+    rec.add_argument("--snapshot-interval", type=_positive_seconds, metavar="SECONDS",
+                     help="snapshot (and epoch) interval: the most a crash makes the "
+                     "engine read again (default 10)")
     run.add_argument("-i", "--process-id", type=int, metavar="N",
                      help="multi-process cluster: this process's index in --addresses "
                      "(needs --kafka)")
@@ -230,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValidationError as exc:
         print(f"touchstream: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    except (FlagError, RecoveryDirError) as exc:
+        print(f"touchstream: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

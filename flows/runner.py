@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -12,6 +15,7 @@ from typing import Any, Literal
 
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main, run_main
 from confluent_kafka import Producer
 
@@ -41,10 +45,12 @@ from flows.metrics import MetricsServer, start_metrics_server
 from flows.model import Alert, DeadLetter, Push, RawRecord
 from flows.rules import RuleSet, load_default_rules, load_rules
 from flows.settings import Settings
+from flows.shutdown import StopRequest, handle_stop_signals, stoppable
 from state.profiles import InMemoryProfileStore, ProfileStore, read_profiles_jsonl
 from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore, make_client
 
-__all__ = ["all_topics", "load_rule_set", "replay", "run_dataflow", "run_live", "tune_gc"]
+__all__ = ["RecoveryDirError", "all_topics", "load_rule_set", "prepare_recovery",
+           "recovery_dir", "replay", "run_dataflow", "run_live", "tune_gc"]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +61,16 @@ def load_rule_set(settings: Settings) -> RuleSet:
 
 
 def run_dataflow(flow: Dataflow, workers: int, epoch_s: float, *,
-                 addresses: Sequence[str] = (), process_id: int | None = None) -> None:
+                 addresses: Sequence[str] = (), process_id: int | None = None,
+                 recovery: RecoveryConfig | None = None) -> None:
     """Run a dataflow with ``workers`` worker threads in this process.
 
     With ``addresses`` (``host:port`` of every process of a cluster, the same list in
     the same order on each), this process is process ``process_id`` of that cluster:
     Bytewax connects the processes, spreads input partitions and state keys over all
     ``len(addresses) * workers`` workers, and returns when the whole cluster is done.
+    With ``recovery``, every epoch (``epoch_s``) ends with a snapshot of the state and
+    the input offsets, and a start resumes from the last complete one.
     """
     interval = timedelta(seconds=epoch_s)
     if addresses:
@@ -71,12 +80,77 @@ def run_dataflow(flow: Dataflow, workers: int, epoch_s: float, *,
         log.info("process %d of %d (%s), %d worker(s) each", process_id, len(addresses),
                  addresses[process_id], workers)
         cluster_main(flow, list(addresses), process_id,  # type: ignore[no-untyped-call]
-                     epoch_interval=interval, worker_count_per_proc=workers)
+                     epoch_interval=interval, recovery_config=recovery,
+                     worker_count_per_proc=workers)
     elif workers <= 1:
-        run_main(flow, epoch_interval=interval)  # type: ignore[no-untyped-call]
+        run_main(flow, epoch_interval=interval,  # type: ignore[no-untyped-call]
+                 recovery_config=recovery)
     else:
         cluster_main(flow, [], 0, epoch_interval=interval,  # type: ignore[no-untyped-call]
-                     worker_count_per_proc=workers)
+                     recovery_config=recovery, worker_count_per_proc=workers)
+
+
+def recovery_dir(settings: Settings) -> Path:
+    """This process's recovery directory: ``recovery.dir``, or in a multi-process
+    cluster ``recovery.dir/process-<id>`` (processes never share partition files)."""
+    base = Path(settings.recovery.dir)
+    pid = settings.engine.process_id
+    return base / f"process-{pid}" if settings.engine.addresses and pid is not None else base
+
+
+class RecoveryDirError(ValueError):
+    """The recovery directory belongs to another set of inputs."""
+
+
+INPUTS_FILE = "touchstream-inputs.json"
+"""What the recovery directory was made for (its input topics), written on first start."""
+
+
+def _check_inputs(d: Path, settings: Settings) -> None:
+    """Refuse a directory made for other input topics (Bytewax would abort on the
+    unknown partitions with a panic; resuming them elsewhere would be wrong anyway)."""
+    want = sorted(kafka_input_topics(settings)) if settings.kafka.brokers else ["(demo)"]
+    f = d / INPUTS_FILE
+    if f.exists():
+        have = json.loads(f.read_text(encoding="utf-8")).get("input_topics")
+        if have != want:
+            raise RecoveryDirError(
+                f"recovery directory {d} holds snapshots of input topics {have}, not "
+                f"{want}: give this run its own --recovery-dir (or move that one away to "
+                "start from scratch)")
+    else:
+        f.write_text(json.dumps({"input_topics": want}) + "\n", encoding="utf-8")
+
+
+def prepare_recovery(settings: Settings) -> RecoveryConfig | None:
+    """The recovery store for this run, made on first start; None when recovery is off.
+
+    The first start creates ``recovery.partitions`` empty partitions (what
+    ``python -m bytewax.recovery DIR N`` does) and notes the input topics; later starts
+    find them and resume. In a multi-process cluster only process 0 creates partitions;
+    Bytewax finds them wherever they are in the cluster.
+
+    :raises RecoveryDirError: the directory holds snapshots of other input topics.
+    """
+    if not settings.recovery_on():
+        return None
+    rs = settings.recovery
+    d = recovery_dir(settings)
+    d.mkdir(parents=True, exist_ok=True)
+    _check_inputs(d, settings)
+    parts = sorted(d.glob("part-*.sqlite3"))
+    if parts:
+        if len(parts) != rs.partitions:
+            log.warning("recovery: %d partition(s) found in %s, not %d; keeping them",
+                        len(parts), d, rs.partitions)
+        log.info("recovery: resuming from %s (%d partition(s)), snapshot every %g s",
+                 d, len(parts), rs.snapshot_interval_s)
+    elif settings.engine.process_id in (None, 0):
+        init_db_dir(d, rs.partitions)  # type: ignore[no-untyped-call]
+        log.info("recovery: created %d partition(s) in %s, snapshot every %g s",
+                 rs.partitions, d, rs.snapshot_interval_s)
+    return RecoveryConfig(d,  # type: ignore[no-untyped-call]
+                          timedelta(seconds=rs.backup_interval_s))
 
 
 def replay(settings: Settings, events: Path) -> Path:
@@ -214,24 +288,46 @@ def tune_gc(gen0_threshold: int) -> None:
 def run_live(settings: Settings, *, duration_s: float | None = None,
              console: ConsoleView | None = None,
              wrap_source: Callable[[Source[RawRecord]], Source[RawRecord]] | None = None,
+             stop: StopRequest | None = None, handle_signals: bool = True,
              ) -> None:
     """Run live: Kafka or demo traffic in; console, Kafka, Redis and webhooks out.
 
     ``wrap_source`` (benchmarks) wraps the input source before the flow is built.
+
+    With recovery on (``settings.recovery_on()``: by default with Kafka input) the flow
+    snapshots its state and input offsets every ``recovery.snapshot_interval_s`` into
+    ``recovery.dir`` (made on first start) and resumes from there; the webhook sink
+    journals accepted alerts in ``recovery.dir/webhook-outbox``.
+
+    ``stop`` ends the run cleanly when set (see :mod:`flows.shutdown`); with
+    ``handle_signals`` (and on the main thread) SIGTERM and SIGINT set it for the
+    duration of the run.
     """
     k = settings.kafka
     rules = load_rule_set(settings)
+    recovery = prepare_recovery(settings)
     outputs = Outputs()
     profiles: ProfileStore
     redis_client: RedisClient | None = None
+    redis_profiles: RedisProfileStore | None = None
     if settings.redis.url is not None:
         redis_client = make_client(settings.redis)
-        profiles = RedisProfileStore(redis_client, settings.redis.profile_cache_ttl_s)
+        profiles = redis_profiles = RedisProfileStore(
+            redis_client, settings.redis.profile_cache_ttl_s,
+            retry_interval_s=settings.redis.retry_interval_s)
+        # each worker's client with the AUTH and TLS options of the settings
+        worker_client = functools.partial(make_client, settings.redis)
+        # With recovery, pushes held while Redis is down are spooled to disk: the epoch
+        # that produced them is committed and will not be replayed.
+        spool = ({"spool_dir": recovery_dir(settings) / "redis-push-spool"}
+                 if recovery is not None else {})
         outputs.pushes.append(
-            RedisPushOutput(RedisPushConfig.from_settings(settings.redis), guard=RedisGuardStore)
+            RedisPushOutput(RedisPushConfig.from_settings(settings.redis, **spool),
+                            guard=RedisGuardStore, client_factory=worker_client)
         )
         # the ops feed for the gateway's /ops console (connectors/ops_feed.py)
-        ops_feed = OpsFeedOutput(OpsFeedConfig.from_settings(settings.redis))
+        ops_feed = OpsFeedOutput(OpsFeedConfig.from_settings(settings.redis),
+                                 client_factory=worker_client)
         for out_list in (outputs.pushes, outputs.alerts, outputs.stats):
             out_list.append(ops_feed)
         write_rules(redis_client, rules)
@@ -242,7 +338,8 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     source: Source[RawRecord]
     if k.brokers:
         source = KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
-                            tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s)
+                            tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s,
+                            on_out_of_range=k.on_out_of_range)
         out = KafkaOutput(k.brokers, dict(k.config))
         outputs.pushes.append(MappedSink(out, push_message(k.pushes_topic)))
         outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))
@@ -263,7 +360,13 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
             dlq = KafkaAlertDeadLetters(k.brokers, k.alerts_dlq_topic, dict(k.config))
         else:
             dlq = JsonlDeadLetterFile(settings.alerts_dlq_file)
-        outputs.alerts.append(WebhookOutput(targets, on_dead_letter=dlq))
+        if recovery is not None:
+            outputs.alerts.append(WebhookOutput(
+                targets, on_dead_letter=dlq,
+                outbox_dir=recovery_dir(settings) / "webhook-outbox",
+                outbox_max_bytes=settings.recovery.outbox_max_bytes))
+        else:
+            outputs.alerts.append(WebhookOutput(targets, on_dead_letter=dlq))
     if console is not None:
         sinks = console.sinks()
         outputs.pushes.append(sinks["pushes"])
@@ -272,8 +375,13 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         outputs.stats.append(sinks["stats"])
     if wrap_source is not None:
         source = wrap_source(source)
-    flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles)
+    stop = stop if stop is not None else StopRequest()
+    source = stoppable(source, stop)
+    flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles,
+                      recovery=recovery is not None)
     es = settings.engine
+    # With recovery, the epoch is the snapshot interval (Bytewax snapshots at epoch ends).
+    epoch_s = settings.recovery.snapshot_interval_s if recovery is not None else es.epoch_interval_s
     tune_gc(es.gc_threshold)
     metrics_server: MetricsServer | None = None
     try:
@@ -283,10 +391,18 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
             raise ValueError("a multi-process cluster (engine.addresses) needs Kafka input")
         if es.metrics_port is not None:
             metrics_server = start_metrics_server(es.metrics_port, es.process_id)
-        run_dataflow(flow, es.workers, es.epoch_interval_s, addresses=es.addresses,
-                     process_id=es.process_id)
+        with contextlib.ExitStack() as stack:
+            if handle_signals:
+                stack.enter_context(handle_stop_signals(stop))
+            run_dataflow(flow, es.workers, epoch_s, addresses=es.addresses,
+                         process_id=es.process_id, recovery=recovery)
+        if stop.is_set():
+            log.info("stopped cleanly (%s)%s", stop.reason,
+                     "; the last snapshot is committed" if recovery is not None else "")
     finally:
         if metrics_server is not None:
             metrics_server.close()
+        if redis_profiles is not None:
+            redis_profiles.close()  # stops its background PING if Redis was down at exit
         if redis_client is not None:
             redis_client.close()

@@ -74,8 +74,11 @@ def settings_for(args: ContenderArgs, topics: Sequence[str]) -> Settings:
         "eof_when_idle_s": EOF_WHEN_IDLE_S,
         "default_partitions": 3,
     }
+    # Recovery (on by default with Kafka) is off: the figures are the flow's own cost;
+    # snapshots are measured separately (bench/README.md).
     return Settings(mode="live", kafka=kafka,  # type: ignore[arg-type]
-                    redis={"url": args.redis} if args.redis else {})  # type: ignore[arg-type]
+                    redis={"url": args.redis} if args.redis else {},  # type: ignore[arg-type]
+                    recovery={"enabled": False})  # type: ignore[arg-type]
 
 
 def _by_kind(topics: Sequence[str]) -> tuple[str, str, str]:

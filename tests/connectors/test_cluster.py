@@ -187,6 +187,7 @@ def run_processes(n: int, tansu: str, redis_url: str, topics: dict[str, str],
     env = {**os.environ,
            "TOUCHSTREAM_KAFKA__EOF_WHEN_IDLE_S": "3",
            "TOUCHSTREAM_ENGINE__STATS_INTERVAL_S": "1",
+           "TOUCHSTREAM_RECOVERY__DIR": str(tmp_path / f"recovery-{tag}"),
            **{f"TOUCHSTREAM_KAFKA__{k.upper()}_TOPIC": v for k, v in topics.items()}}
     env.pop("TOUCHSTREAM_CONFIG", None)
     base = [sys.executable, "-m", "flows.cli", "run", "--kafka", tansu, "--redis", redis_url,

@@ -114,7 +114,8 @@ def test_events_through_kafka_reach_redis_kafka_and_the_webhook(
     monkeypatch.setenv("TOUCHSTREAM_WEBHOOK_SECRET", SECRET)
     settings = load_settings(mode="live", kafka={"brokers": tansu, "eof_when_idle_s": 4},
                              redis={"url": redis_url}, webhook_url=receiver.url,
-                             engine={"stats_interval_s": 1})
+                             engine={"stats_interval_s": 1},
+                             recovery={"dir": tmp_path / "recovery"})
     run_live(settings)
 
     # Redis push streams: every push rule, on the right channels.
