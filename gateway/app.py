@@ -57,6 +57,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from flows.masking import mask_id
 from gateway import logsafe
 from gateway.hub import Hub, Subscription
 from gateway.metrics import gateway_registry, metrics_endpoint
@@ -91,7 +92,7 @@ def terminal_view(doc: Mapping[str, Any], customer_id: str = "mask") -> dict[str
                                "content") if k in doc}
     cid = doc.get("customer_id")
     if customer_id == "mask" and isinstance(cid, str) and cid:
-        out["customer"] = "…" + cid[-4:]
+        out["customer"] = mask_id(cid)
     return out
 
 

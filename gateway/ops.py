@@ -51,6 +51,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from flows.masking import mask_id
 from gateway.hub import Subscription
 from gateway.settings import GatewaySettings
 
@@ -88,7 +89,7 @@ _SESSION_CONTEXT = b"touchstream.gateway.ops.session.v1"
 def mask_ids(obj: Any) -> Any:
     """A copy of ``obj`` with every ``customer_id``/``customer`` string cut to ``…1234``."""
     if isinstance(obj, dict):
-        return {k: ("…" + v[-4:] if k in ("customer_id", "customer") and isinstance(v, str)
+        return {k: (mask_id(v) if k in ("customer_id", "customer") and isinstance(v, str)
                     else mask_ids(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [mask_ids(v) for v in obj]
@@ -102,7 +103,7 @@ def alert_view(doc: Mapping[str, Any]) -> dict[str, Any]:
     subject = doc.get("subject")
     if (isinstance(subject, str) and isinstance(data, dict)
             and data.get("customer_id") == subject):
-        out["subject"] = "…" + subject[-4:]
+        out["subject"] = mask_id(subject)
     return out
 
 
