@@ -8,7 +8,7 @@ byte-identical files whatever the worker count or the interleaving of workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +17,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from flows.codec import json_dumps
+from flows.engine import Holdout
 from flows.model import Alert, DeadLetter, Push, RawRecord
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "SortedJsonlSink",
     "alert_row",
     "dead_letter_row",
+    "holdout_row",
     "push_row",
 ]
 
@@ -165,6 +167,11 @@ class JsonDocSink(FixedPartitionedSink[dict[str, Any], None]):
 def push_row(p: Push) -> tuple[Any, bytes]:
     """Sort pushes by event time, then id."""
     return (p.event_ts, p.push_id), json_dumps(p.to_dict())
+
+
+def holdout_row(h: Holdout) -> tuple[Any, bytes]:
+    """Sort control-group records by event time, then the push id they stand for."""
+    return (h.ts, h.push_id), json_dumps(asdict(h))
 
 
 def alert_row(a: Alert) -> tuple[Any, bytes]:

@@ -138,12 +138,14 @@ def rules_summary(rules: RuleSet, now_ms: int | None = None) -> dict[str, Any]:
             "alert": None if r.alert is None else r.alert.type,
             "once_per": r.once_scope if r.once_scope != "period" else _duration(r.once_ms),
             "description": r.description,
+            "when": r.when.source if r.when else None,
         })
     g = rules.guards
     return {
         "version": rules.version,
         "source": rules.source,
         "loaded_at": _now_ms() if now_ms is None else now_ms,
+        "timezone": rules.timezone,
         "guards": {"max_pushes_per_customer": g.max_pushes_per_customer,
                    "cap_window_s": g.cap_window_ms // 1000,
                    "respect_opt_out": g.respect_opt_out},

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import insort
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from flows.engine import Progress, StatDelta, Tick, VisitDone, shard_of
 from flows.model import Alert, DeadLetter, Envelope, stable_id
 from flows.rules import RuleSet
 
-__all__ = ["FrictionEngine", "Sequencer", "StatsEngine"]
+__all__ = ["WINDOW_SIZES_MS", "DwellHistogram", "FrictionEngine", "Sequencer", "StatsEngine",
+           "TumblingWindows", "dwell_bucket"]
 
 
 def _visit_order(v: VisitDone) -> tuple[int, str, int]:
@@ -52,6 +55,14 @@ class FrictionEngine:
             for v in state["buffer"]:
                 self._buffer(VisitDone(*v))
 
+    def set_rules(self, rules: RuleSet) -> None:
+        """Swap the rule set while running, keeping the windows, buffer and last alerts.
+
+        The retained history follows the longest new window from the next visit on.
+        """
+        self.rules = rules.of_kind("step_friction")
+        self._keep = max((r.trigger.window for r in self.rules), default=0)
+
     def snapshot(self) -> dict[str, Any]:
         """Plain data for recovery."""
         def row(v: VisitDone) -> list[Any]:
@@ -85,9 +96,15 @@ class FrictionEngine:
                        (v.leave_ts, v.module, v.step, v.customer_id, v.enter_ts, v))
 
     def on_visit(self, v: VisitDone, out: list[Any]) -> None:
-        """A finished visit arrived from a shard."""
+        """A finished visit arrived from a shard.
+
+        Its dwell also goes to the stats, as one count in the module's dwell histogram
+        (``("dwell", module, "<bucket>")``, see :func:`dwell_bucket`), for the median
+        time per module of the stats windows.
+        """
         if not self.rules:
             return
+        out.append(StatDelta({("dwell", v.module, str(dwell_bucket(v.dwell_ms))): 1}))
         if self.live:
             self._evaluate(v, out)
         else:
@@ -229,32 +246,255 @@ def shard_key(shard: int) -> str:
     return f"shard-{shard:04d}"
 
 
-class StatsEngine:
-    """Sums :class:`StatDelta` counters and dead letters into the stats document."""
+WINDOW_SIZES_MS: Final = (60_000, 3_600_000, 86_400_000)
+"""The tumbling stats windows: 1 minute, 1 hour, 1 day (aligned to the UTC epoch)."""
 
-    def __init__(self, conversion_window_ms: int, state: dict[str, Any] | None = None) -> None:
-        self.window_ms = conversion_window_ms
+_EXACT_S: Final = 120
+_RATIO: Final = 1.05
+MAX_DWELL_BUCKET: Final = _EXACT_S + math.ceil(math.log(86_400 / _EXACT_S) / math.log(_RATIO))
+
+
+def dwell_bucket(dwell_ms: int) -> int:
+    """The histogram bucket of a dwell: whole seconds below 120 s (buckets 0-119), then
+    buckets 5 % wide up to one day (the last bucket takes anything longer), so a
+    module's histogram never has more than :data:`MAX_DWELL_BUCKET` + 1 buckets."""
+    sec = max(0, dwell_ms) / 1000
+    if sec < _EXACT_S:
+        return int(sec)
+    return min(MAX_DWELL_BUCKET, _EXACT_S + int(math.log(sec / _EXACT_S) / math.log(_RATIO)))
+
+
+def bucket_seconds(bucket: int) -> float:
+    """A bucket's representative dwell in seconds: its whole second below 120 s, else
+    the geometric middle of the 5 % bucket (within 2.5 % of any dwell in it)."""
+    if bucket < _EXACT_S:
+        return float(bucket)
+    return round(float(_EXACT_S * _RATIO ** (bucket - _EXACT_S + 0.5)), 1)
+
+
+class DwellHistogram:
+    """Bounded dwell histogram of one module (at most ~260 buckets) with its median."""
+
+    __slots__ = ("buckets", "n")
+
+    def __init__(self) -> None:
+        self.buckets: Counter[int] = Counter()
+        self.n = 0
+
+    def add(self, bucket: int, n: int = 1) -> None:
+        """Count ``n`` visits in ``bucket``."""
+        self.buckets[bucket] += n
+        self.n += n
+
+    def median_s(self) -> float | None:
+        """The (lower) median in seconds: exact to the second below 120 s."""
+        if self.n <= 0:
+            return None
+        need = (self.n + 1) // 2
+        seen = 0
+        for b in sorted(self.buckets):
+            seen += self.buckets[b]
+            if seen >= need:
+                return bucket_seconds(b)
+        return None  # pragma: no cover - unreachable: the counts sum to n
+
+
+def _group(counts: Mapping[tuple[str, ...], int], doc: dict[str, Any]) -> None:
+    """Fold ``(section, name, counter)`` keys into ``doc``'s sections (``blocked:x``
+    under ``blocked``) and ``(section, name)`` keys into flat sections."""
+    groups = {"hall": "halls", "module": "modules", "rule": "rules", "step": "steps"}
+    for key, n in sorted(counts.items()):
+        if key[0] in groups and len(key) == 3:
+            d = doc[groups[key[0]]].setdefault(key[1], {})
+            name = key[2]
+            if name.startswith("blocked:"):
+                d.setdefault("blocked", {})[name[8:]] = n
+            else:
+                d[name] = n
+        elif len(key) == 2 and key[0] in doc:
+            doc[key[0]][key[1]] = n
+
+
+def _rates(doc: dict[str, Any], sections: tuple[str, ...]) -> None:
+    for section in sections:
+        for d in doc[section].values():
+            pushes = d.get("pushes", 0)
+            if pushes:
+                d["conversion_rate"] = round(d.get("conversions", 0) / pushes, 4)
+
+
+class _Window:
+    __slots__ = ("counts", "dwell")
+
+    def __init__(self) -> None:
         self.counts: Counter[tuple[str, ...]] = Counter()
-        self.dirty = False
+        self.dwell: dict[str, DwellHistogram] = {}
+
+
+class TumblingWindows:
+    """Stats counters in tumbling windows of each size in ``sizes_ms``.
+
+    Counts are stamped with a time (``add(at_ms, counts)``) and land in the window of
+    each size that holds that time; ``close(now_ms)`` returns the document of every
+    window that ended at or before ``now_ms`` and forgets it. Memory is bounded: per
+    size, the open windows (normally one), each with one counter per (hall | module |
+    rule | step, counter name) seen and one bounded :class:`DwellHistogram` per module.
+    A count stamped before a window already closed goes to the oldest open window of
+    that size (never dropped; counted as ``late`` in the window's document).
+    """
+
+    def __init__(self, sizes_ms: tuple[int, ...] = WINDOW_SIZES_MS,
+                 campaigns: Mapping[str, str] | None = None,
+                 state: dict[str, Any] | None = None) -> None:
+        if any(s <= 0 for s in sizes_ms):
+            raise ValueError("window sizes must be > 0")
+        self.sizes = tuple(sizes_ms)
+        self.campaigns = dict(campaigns or {})
+        self.open: dict[int, dict[int, _Window]] = {s: {} for s in self.sizes}
+        self.closed_until: dict[int, int] = {s: 0 for s in self.sizes}
         if state is not None:
-            self.counts = Counter({tuple(k): v for k, v in state["counts"]})
+            for size, starts in state["open"]:
+                if size not in self.open:
+                    continue
+                for start, counts, dwell in starts:
+                    w = self.open[size][start] = _Window()
+                    w.counts = Counter({tuple(k): v for k, v in counts})
+                    for module, buckets in dwell:
+                        h = w.dwell[module] = DwellHistogram()
+                        for b, n in buckets:
+                            h.add(b, n)
+            for size, until in state["closed_until"]:
+                if size in self.closed_until:
+                    self.closed_until[size] = until
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data for recovery."""
-        return {"counts": [[list(k), v] for k, v in self.counts.items()]}
+        return {
+            "open": [[size, [[start, [[list(k), v] for k, v in w.counts.items()],
+                              [[m, sorted(h.buckets.items())] for m, h in w.dwell.items()]]
+                             for start, w in wins.items()]]
+                     for size, wins in self.open.items()],
+            "closed_until": [[s, t] for s, t in self.closed_until.items()],
+        }
 
-    def add(self, delta: StatDelta) -> None:
-        """Add a delta."""
-        self.counts.update(delta.counts)
+    def add(self, at_ms: int, counts: Mapping[tuple[str, ...], int]) -> None:
+        """Add counts stamped ``at_ms`` (``("dwell", module, bucket)`` keys feed the
+        module's dwell histogram)."""
+        if not counts:
+            return
+        for size, wins in self.open.items():
+            start = at_ms - at_ms % size
+            late = start < self.closed_until[size]
+            if late:
+                start = min(wins) if wins else self.closed_until[size]
+            w = wins.get(start)
+            if w is None:
+                w = wins[start] = _Window()
+            for key, n in counts.items():
+                if key[0] == "dwell" and len(key) == 3:
+                    h = w.dwell.get(key[1])
+                    if h is None:
+                        h = w.dwell[key[1]] = DwellHistogram()
+                    h.add(int(key[2]), n)
+                else:
+                    w.counts[key] += n
+            if late:
+                w.counts["engine", "late"] += 1
+
+    def close(self, now_ms: int) -> list[dict[str, Any]]:
+        """Documents of the windows that ended by ``now_ms`` (oldest first, smallest
+        size first), now forgotten."""
+        docs: list[dict[str, Any]] = []
+        for size, wins in self.open.items():
+            for start in sorted(wins):
+                if start + size > now_ms:
+                    break
+                docs.append(self._doc(size, start, wins.pop(start)))
+                self.closed_until[size] = max(self.closed_until[size], start + size)
+        return docs
+
+    def _doc(self, size: int, start: int, w: _Window) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "kind": "window", "size_s": size // 1000, "start_ms": start,
+            "end_ms": start + size, "halls": {}, "modules": {}, "steps": {}, "rules": {},
+            "events": {}, "alerts": {}, "dead_letters": {}, "engine": {},
+        }
+        _group(w.counts, doc)
+        for module, h in sorted(w.dwell.items()):
+            d = doc["modules"].setdefault(module, {})
+            d["step_visits"] = h.n
+            d["median_step_s"] = h.median_s()
+        if self.campaigns:
+            camps: dict[str, dict[str, Any]] = {}
+            for rid, counters in doc["rules"].items():
+                c = camps.setdefault(self.campaigns.get(rid, rid), {})
+                for name, n in counters.items():
+                    if name == "blocked":
+                        b = c.setdefault("blocked", {})
+                        for g, m in n.items():
+                            b[g] = b.get(g, 0) + m
+                    else:
+                        c[name] = c.get(name, 0) + n
+            doc["campaigns"] = camps
+        _rates(doc, ("halls", "modules", "rules") + (("campaigns",) if self.campaigns else ()))
+        return doc
+
+
+class StatsEngine:
+    """Sums :class:`StatDelta` counters and dead letters into the stats document, and
+    into tumbling windows (:class:`TumblingWindows`: 1 min, 1 h, 1 day).
+
+    The cumulative document (:meth:`render`) is unchanged by the windows. Live (a
+    render with ``as_of_ms``), the counts that arrived since the last render (or were
+    added with ``at_ms``) are stamped with that time, and the windows that have ended
+    are returned in the document's ``windows`` list, each once. Deltas carry no event
+    time, so windows are by arrival time: a count lands up to about two
+    ``stats_interval_s`` after the events behind it. A replay's single document has no
+    ``windows``.
+    """
+
+    def __init__(self, conversion_window_ms: int, state: dict[str, Any] | None = None, *,
+                 window_sizes_ms: tuple[int, ...] = WINDOW_SIZES_MS,
+                 campaigns: Mapping[str, str] | None = None) -> None:
+        self.window_ms = conversion_window_ms
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.dirty = False
+        self.pending: Counter[tuple[str, ...]] = Counter()
+        wstate = None
+        if state is not None:
+            self.counts = Counter({tuple(k): v for k, v in state["counts"]})
+            self.pending = Counter({tuple(k): v for k, v in state.get("pending", ())})
+            wstate = state.get("windows")
+        self.windows = TumblingWindows(window_sizes_ms, campaigns, wstate)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data for recovery."""
+        return {"counts": [[list(k), v] for k, v in self.counts.items()],
+                "pending": [[list(k), v] for k, v in self.pending.items()],
+                "windows": self.windows.snapshot()}
+
+    def add(self, delta: StatDelta, at_ms: int | None = None) -> None:
+        """Add a delta (``at_ms``: when it arrived; else stamped at the next render)."""
+        counts = delta.counts
+        if any(k[0] == "dwell" for k in counts):
+            self.counts.update({k: n for k, n in counts.items() if k[0] != "dwell"})
+        else:
+            self.counts.update(counts)
+        if at_ms is None:
+            self.pending.update(counts)
+        else:
+            self.windows.add(at_ms, counts)
         self.dirty = True
 
     def dead_letter(self, reason: str) -> None:
         """Count a dead letter."""
         self.counts["dead_letters", reason] += 1
+        self.pending["dead_letters", reason] += 1
         self.dirty = True
 
     def render(self, as_of_ms: int | None = None) -> dict[str, Any]:
-        """The stats document: per hall, module, rule; events, alerts, dead letters."""
+        """The stats document: per hall, module, rule; events, alerts, dead letters;
+        with ``as_of_ms``, also ``windows``: the windows that ended by then."""
         doc: dict[str, Any] = {
             "halls": {}, "modules": {}, "steps": {}, "rules": {}, "events": {}, "alerts": {},
             "dead_letters": {}, "engine": {}, "clicks": {},
@@ -262,21 +502,12 @@ class StatsEngine:
         }
         if as_of_ms is not None:
             doc["as_of_ms"] = as_of_ms
-        groups = {"hall": "halls", "module": "modules", "rule": "rules", "step": "steps"}
-        for key, n in sorted(self.counts.items()):
-            if key[0] in groups and len(key) == 3:
-                d = doc[groups[key[0]]].setdefault(key[1], {})
-                name = key[2]
-                if name.startswith("blocked:"):
-                    d.setdefault("blocked", {})[name[8:]] = n
-                else:
-                    d[name] = n
-            elif len(key) == 2 and key[0] in doc:
-                doc[key[0]][key[1]] = n
-        for section in ("halls", "modules", "rules"):
-            for d in doc[section].values():
-                pushes = d.get("pushes", 0)
-                if pushes:
-                    d["conversion_rate"] = round(d.get("conversions", 0) / pushes, 4)
+        _group(self.counts, doc)
+        _rates(doc, ("halls", "modules", "rules"))
         doc["dead_letters_total"] = sum(doc["dead_letters"].values())
+        if as_of_ms is not None:
+            if self.pending:
+                self.windows.add(as_of_ms, self.pending)
+                self.pending.clear()
+            doc["windows"] = self.windows.close(as_of_ms)
         return doc

@@ -13,11 +13,24 @@ from pydantic import ValidationError
 
 from connectors.console import ConsoleView
 from connectors.kafka import create_topics
-from flows.rules import RulesError, load_rules
+from connectors.rules_sources import (
+    DEFAULT_CONTROL_TOPIC,
+    DEFAULT_REDIS_CHANNEL,
+    DEFAULT_REDIS_KEY,
+    DEFAULT_STATUS_TOPIC,
+    publish_kafka,
+    publish_redis,
+    read_kafka_rules,
+)
+from flows.backtest import render_table, run_backtest
+from flows.codec import json_loads
+from flows.control import ActiveRules, RulesChange, dumps_doc, parse_change, ruleset_doc
+from flows.rules import RulesError, load_rules, parse_duration_ms
 from flows.runner import (
     RecoveryDirError,
     all_topics,
     load_rule_set,
+    load_rules_doc,
     recovery_dir,
     replay,
     run_live,
@@ -189,6 +202,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """Run rule sets over recorded traffic; print the table, write JSON and charts."""
+    try:
+        window_ms = parse_duration_ms(args.window)
+    except (ValueError, TypeError) as exc:
+        print(f"touchstream: --window: {exc}", file=sys.stderr)
+        return 2
+    settings = _settings(args, mode="replay", profiles_file=args.profiles)
+    report = run_backtest(args.events, args.rules, args.baseline, args.profiles, settings,
+                          args.out, window_ms=window_ms)
+    print(render_table(report))
+    print(f"touchstream: backtest of {args.events} written to {args.out}/ "
+          "(backtest.json, backtest.html"
+          + (", backtest.png" if (args.out / "backtest.png").exists() else "") + ")",
+          flush=True)
+    return 0
+
+
 def cmd_rules_validate(args: argparse.Namespace) -> int:
     """Validate a rules file; print every problem; exit 1 if any."""
     try:
@@ -199,6 +230,90 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.file}: OK, version {rs.version}, {len(rs.rules)} rules: "
           + ", ".join(f"{r.id}({r.kind})" for r in rs.rules))
+    return 0
+
+
+def _rules_change(args: argparse.Namespace) -> RulesChange:
+    """The change ``rules publish`` was asked to send (checked locally)."""
+    if args.delete:
+        if args.version is None or args.file is not None or args.rule:
+            raise FlagError("--delete ID needs --version N (and no FILE or --rule)")
+        return RulesChange("delete", args.version, "cli", rule_id=args.delete,
+                           base_version=args.base_version)
+    if args.file is None:
+        raise FlagError("give a rules FILE (or --delete ID --version N)")
+    doc = ruleset_doc(args.file.read_bytes(), str(args.file))
+    if args.rule:
+        rule = next((r for r in doc["rules"] if r.get("id") == args.rule), None)
+        if rule is None:
+            raise FlagError(f"{args.file} has no rule {args.rule!r}")
+        return RulesChange("upsert", int(doc["version"]), str(args.file), rule=rule,
+                           base_version=args.base_version)
+    ch = RulesChange.replace(doc, str(args.file))
+    return RulesChange("replace", ch.version, ch.origin, ruleset=doc,
+                       base_version=args.base_version)
+
+
+def cmd_rules_publish(args: argparse.Namespace) -> int:
+    """Publish a rule change to ``ops.rules`` (Kafka) or the rules key (Redis)."""
+    if bool(args.kafka) == bool(args.redis):
+        raise FlagError("give exactly one of --kafka or --redis")
+    settings = _merge(_settings(args), _wire_overrides(args))
+    ch = _rules_change(args)
+    if settings.kafka.brokers and args.kafka:
+        publish_kafka(settings.kafka.brokers, ch, DEFAULT_CONTROL_TOPIC,
+                      dict(settings.kafka.config))
+        where = f"Kafka {DEFAULT_CONTROL_TOPIC}"
+    else:
+        if ch.op != "replace":
+            raise FlagError("the Redis key holds whole rule sets: --rule and --delete need "
+                            "--kafka")
+        client = make_client(settings.redis)
+        try:
+            publish_redis(client, ch, DEFAULT_REDIS_KEY, DEFAULT_REDIS_CHANNEL)
+        finally:
+            client.close()
+        where = f"Redis {DEFAULT_REDIS_KEY}"
+    what = {"replace": "rule set", "upsert": f"rule {ch.rule and ch.rule['id']!r}",
+            "delete": f"deletion of rule {ch.rule_id!r}"}[ch.op]
+    print(f"touchstream: {what} version {ch.version} published to {where}; the engine's "
+          f"decision goes to {DEFAULT_STATUS_TOPIC} and its log")
+    return 0
+
+
+def cmd_rules_show(args: argparse.Namespace) -> int:
+    """Print the active rule set's version and rules (with --json the whole set)."""
+    settings = _merge(_settings(args, rules_file=args.rules), _wire_overrides(args))
+    active = load_rules_doc(settings)
+    where = active.origin
+    if args.redis:
+        client = make_client(settings.redis)
+        try:
+            raw = client.get(DEFAULT_REDIS_KEY)
+            running = client.get("ops:rules")  # what the engine accepted (the /ops console)
+        finally:
+            client.close()
+        if running is not None and not args.json:
+            eng = json_loads(running)
+            print(f"engine: version {eng.get('version')} in force (ops:rules)")
+        if raw is None:
+            print(f"touchstream: Redis {DEFAULT_REDIS_KEY} holds no rule set", file=sys.stderr)
+            return 1
+        ch = parse_change(raw, f"redis:{DEFAULT_REDIS_KEY}")
+        if ch.ruleset is None:
+            raise RulesError([f"redis:{DEFAULT_REDIS_KEY}: does not hold a whole rule set"])
+        active = ActiveRules.of(ruleset_doc(ch.ruleset, ch.origin), ch.origin)
+        where = f"Redis {DEFAULT_REDIS_KEY}"
+    elif args.kafka and settings.kafka.brokers:
+        active, statuses = read_kafka_rules(settings.kafka.brokers, active,
+                                            DEFAULT_CONTROL_TOPIC, dict(settings.kafka.config))
+        where = f"Kafka {DEFAULT_CONTROL_TOPIC} ({len(statuses)} change(s) read)"
+    if args.json:
+        print(dumps_doc(active.doc))
+        return 0
+    ids = [r.get("id") for r in active.doc.get("rules", []) if isinstance(r, dict)]
+    print(f"version {active.version} ({active.digest}) from {where}; last change from "
+          f"{active.origin}; {len(ids)} rules: {', '.join(str(i) for i in ids)}")
     return 0
 
 
@@ -265,6 +380,19 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, required=True, help="output directory")
     rp.set_defaults(func=cmd_replay)
 
+    bt = sub.add_parser("backtest", help="run rule sets over recorded traffic and compare")
+    bt.add_argument("events", type=Path, help="recorded events (JSONL)")
+    bt.add_argument("--rules", type=Path, required=True, help="the rules to try (YAML)")
+    bt.add_argument("--baseline", type=Path, help="the rules to compare with (YAML)")
+    bt.add_argument("--profiles", type=Path, help="profiles JSONL")
+    bt.add_argument("--config", type=Path, help="TOML settings file")
+    bt.add_argument("--workers", type=int, help="worker threads (default 1)")
+    bt.add_argument("--shards", type=int, help="customer state shards (default 64)")
+    bt.add_argument("--out", type=Path, required=True, help="output directory")
+    bt.add_argument("--window", default="24h",
+                    help="attribution window: push -> order of the pushed module (default 24h)")
+    bt.set_defaults(func=cmd_backtest)
+
     topics = sub.add_parser("topics", help="Kafka topics")
     tsub = topics.add_subparsers(dest="topics_command", required=True)
     tc = tsub.add_parser("create", help="create every topic (idempotent)")
@@ -285,6 +413,26 @@ def _parser() -> argparse.ArgumentParser:
     val = rsub.add_parser("validate", help="check a rules file")
     val.add_argument("file", type=Path)
     val.set_defaults(func=cmd_rules_validate)
+    pub = rsub.add_parser("publish", help="send a rule change to the running engine "
+                          "(validated here first; the engine validates it again)")
+    pub.add_argument("file", type=Path, nargs="?", help="rules YAML (the whole set)")
+    pub.add_argument("--rule", metavar="ID", help="publish only this rule of FILE (an "
+                     "upsert; the change's version is FILE's version)")
+    pub.add_argument("--delete", metavar="ID", help="delete this rule (needs --version)")
+    pub.add_argument("--version", type=int, help="the rule set version a --delete makes")
+    pub.add_argument("--base-version", type=int, metavar="N",
+                     help="apply only if the active version is N")
+    pub.add_argument("--config", type=Path, help="TOML settings file")
+    wires(pub, "kafka", "redis")
+    pub.set_defaults(func=cmd_rules_publish)
+    show = rsub.add_parser("show", help="the active rule set and its version (from "
+                           "--redis, from --kafka ops.rules, or the rules file)")
+    show.add_argument("--rules", type=Path, help="the start rules (default: the shipped "
+                      "rules)")
+    show.add_argument("--json", action="store_true", help="print the whole set as JSON")
+    show.add_argument("--config", type=Path, help="TOML settings file")
+    wires(show, "kafka", "redis")
+    show.set_defaults(func=cmd_rules_show)
 
     add_gateway_commands(sub)  # touchstream gateway token|serve (gateway/cli.py)
     return p

@@ -19,6 +19,7 @@ Two clocks drive it:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import zlib
@@ -42,11 +43,13 @@ from flows.model import (
     PushGuard,
     stable_id,
 )
-from flows.rules import Rule, RuleSet
+from flows.rules import Campaign, Rule, RuleSet
+from state.guards import PROCESS_QUOTA, QuotaStore
 from state.profiles import ProfileStore
 
 __all__ = [
     "EngineConfig",
+    "Holdout",
     "Progress",
     "ShardEngine",
     "StatDelta",
@@ -54,6 +57,7 @@ __all__ = [
     "VisitDone",
     "shard_of",
     "shard_of_key",
+    "unit_draw",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,32 @@ class VisitDone:
     def dwell_ms(self) -> int:
         """How long the customer stayed."""
         return self.leave_ts - self.enter_ts
+
+
+def unit_draw(*parts: str) -> float:
+    """A number in [0, 1) from a hash of ``parts``: the same parts draw the same number
+    in every run, process and host (the lottery and the control group)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class Holdout:
+    """A customer of a rule's control group: the rule would have pushed, and held out.
+
+    Emitted where the push would have been (same ``push_id`` it would have had), once
+    per the rule's ``once_per`` like the push; for uplift against the pushed customers.
+    ``hall`` is ``"-"`` outside a session.
+    """
+
+    push_id: str
+    rule_id: str
+    rule_version: int
+    campaign: str
+    customer_id: str
+    ts: int
+    hall: str
+    module: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +260,12 @@ class ShardEngine:
         profiles: ProfileStore,
         config: EngineConfig,
         state: dict[str, Any] | None = None,
+        quota: QuotaStore | None = None,
     ) -> None:
         self.shard = shard
+        # Campaign quotas are shared by all workers: by default every engine of this
+        # process (state.guards.PROCESS_QUOTA); across processes, a Redis store.
+        self.quota: QuotaStore = quota if quota is not None else PROCESS_QUOTA
         self.rules = rules
         self.profiles = profiles
         self.config = config
@@ -244,21 +278,54 @@ class ShardEngine:
         # Events per type, folded into ``counts`` when stats or a snapshot are taken
         # (one string-keyed increment per event instead of a tuple-keyed one).
         self._typed: dict[str, int] = {}
+        self._index_rules(rules)
+        self._when_errors: dict[str, int] = {}  # per rule, to thin out the log
+        # The quota places this shard took, per campaign: in its snapshot, and put back
+        # into the store on restore (an in-memory store does not outlive the process).
+        self.taken: dict[str, set[str]] = {}
+        if state is not None:
+            self._restore(state)
+
+    def _index_rules(self, rules: RuleSet) -> None:
+        """Derive the per-kind indexes the hot paths use from ``rules``."""
+        self.rules = rules
         self._dwell_rules = rules.of_kind("step_dwell")
-        self._place_window = {
-            r.trigger.poi: r.trigger.window for r in rules.of_kind("location_frequency")
-        }
+        place_window: dict[str, int] = {}
         for r in rules.of_kind("location_frequency"):
-            self._place_window[r.trigger.poi] = max(
-                self._place_window[r.trigger.poi], r.trigger.window
-            )
+            place_window[r.trigger.poi] = max(place_window.get(r.trigger.poi, 0),
+                                              r.trigger.window)
+        self._place_window = place_window
         self._call_rules = rules.of_kind("call_spike")
         self._call_keep = max((r.trigger.max_history for r in self._call_rules), default=0)
         self._call_min_history = min((r.trigger.min_history for r in self._call_rules),
                                      default=0)
-        self._when_errors: dict[str, int] = {}  # per rule, to thin out the log
-        if state is not None:
-            self._restore(state)
+        self._event_rules = rules.of_kind("event")
+
+    def set_rules(self, rules: RuleSet) -> None:
+        """Swap the rule set of a running shard, keeping every customer's state.
+
+        Contexts, once-per marks, the cap's push times, timers and the reorder buffer
+        all stay. A timer of a removed dwell rule fires as a no-op; a timer whose
+        deadline no longer matches its rule's dwell (the dwell changed) is dropped,
+        and a new or changed dwell rule gets a timer for every customer now in a step,
+        due at the step's entry plus the new dwell (a deadline already past fires at
+        the next event or tick). Place windows and the call history length follow the
+        new rules from the next event on (history a shorter window trimmed is not
+        restored).
+        """
+        old = {r.id: r.trigger.dwell for r in self._dwell_rules}
+        self._index_rules(rules)
+        fresh = [r for r in self._dwell_rules if old.get(r.id) != r.trigger.dwell]
+        if not fresh:
+            return
+        timers = self.timers
+        for cid, c in self.customers.items():
+            st = c.step
+            if st is None:
+                continue
+            for r in fresh:
+                if st.fired is None or r.id not in st.fired:
+                    heapq.heappush(timers, (st.enter_ts + r.trigger.dwell, cid, st.key, r.id))
 
     # --- snapshots -------------------------------------------------------------
 
@@ -274,6 +341,7 @@ class ShardEngine:
                 [ts, src, pos, _env_to_state(env)] for ts, src, pos, env in self.buffer
             ],
             "counts": [[list(k), v] for k, v in self.counts.items()],
+            "quota": {k: sorted(v) for k, v in self.taken.items()},
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -285,6 +353,13 @@ class ShardEngine:
         self.buffer = [(ts, src, pos, _env_from_state(e)) for ts, src, pos, e in state["buffer"]]
         heapq.heapify(self.buffer)
         self.counts = Counter({tuple(k): v for k, v in state["counts"]})
+        self.taken = {k: set(v) for k, v in state.get("quota", {}).items()}
+        for campaign, tokens in self.taken.items():
+            try:
+                self.quota.restore(campaign, sorted(tokens))
+            except Exception as exc:  # a shared store keeps them anyway; do not crash
+                log.warning("shard %d: could not put back %d quota place(s) of a campaign "
+                            "(%s)", self.shard, len(tokens), type(exc).__name__)
 
     # --- driving ---------------------------------------------------------------
 
@@ -376,6 +451,31 @@ class ShardEngine:
             self._calls(c, ev, env, out)  # type: ignore[arg-type]
         elif cls is ClickEvent:
             self._click(c, ev, env, out)  # type: ignore[arg-type]
+        if self._event_rules and env.fresh:
+            self._any_event(c, ev, env, out)
+
+    def _any_event(self, c: Customer, ev: Any, env: Envelope, out: Out) -> None:
+        typ = ev.type
+        for r in self._event_rules:
+            t = r.trigger
+            if t.type != typ:
+                continue
+            if typ == "click":
+                if ((t.action is not None and ev.action != t.action)
+                        or (t.module is not None and ev.module != t.module)
+                        or (t.modules and ev.module not in t.modules)
+                        or (t.step is not None and ev.step != t.step)):
+                    continue
+            elif typ == "location" and t.poi is not None and ev.poi != t.poi:
+                continue
+            module = ((r.push.module if r.push is not None else None) or t.module
+                      or (ev.module if t.modules else None))
+            reason: dict[str, Any] = {"event_type": typ}
+            if typ == "click":
+                reason["action"] = ev.action
+            elif typ == "location" and ev.poi is not None:
+                reason["poi"] = ev.poi
+            self._push(c, r, env, ev.ts, module, {}, reason, out)
 
     def _session_open(self, c: Customer, ts: int) -> _Session | None:
         s = c.session
@@ -578,13 +678,16 @@ class ShardEngine:
         if st is None or st.key != visit_key or (st.fired is not None and rule_id in st.fired):
             return
         rule = next((r for r in self._dwell_rules if r.id == rule_id), None)
-        if rule is None:
-            return
+        if rule is None or deadline != st.enter_ts + rule.trigger.dwell:
+            return  # the rule was removed, or its dwell changed (see set_rules)
         if st.fired is None:
             st.fired = set()
         st.fired.add(rule_id)
         p = self.profiles.get(cid)
         s = self._session_open(c, deadline)
+        if rule.campaign is not None and not self._targeted(rule, rule.campaign, s, None,
+                                                            p, deadline):
+            return
         if rule.when is not None:
             ev = DwellEvent(cid, st.enter_ts, s.terminal_id if s else "",
                             s.hall_id if s else "", st.module, st.step)
@@ -640,6 +743,13 @@ class ShardEngine:
         reason["trigger_event"] = env.key
         s = self._session_open(c, ts)
         cid = env.event.customer_id
+        camp = rule.campaign
+        if camp is not None:
+            if camp.segments and profile is None:
+                profile = self.profiles.get(cid)
+            poi = env.event.poi if type(env.event) is LocationEvent else None
+            if not self._targeted(rule, camp, s, poi, profile, ts):
+                return
         if rule.when is not None:
             # The trigger fired: now (and only now) the rule's condition is evaluated.
             if profile is None:
@@ -648,6 +758,39 @@ class ShardEngine:
             if not self._when(rule, env.event, profile, s, about, ts):
                 return
         self._push_raw(c, cid, rule, env.key, ts, module, extra, reason, out, profile, s)
+
+    def _targeted(
+        self,
+        rule: Rule,
+        camp: Campaign,
+        s: _Session | None,
+        poi: str | None,
+        profile: Profile | None,
+        ts: int,
+    ) -> bool:
+        """The rule's validity window, scope, hours/days and quiet hours at ``ts``; count
+        ``blocked:<guard>`` for the first that fails."""
+        guard: str | None = None
+        if camp.valid_from_ms is not None and ts < camp.valid_from_ms:
+            guard = "not_yet_valid"
+        elif camp.valid_until_ms is not None and ts >= camp.valid_until_ms:
+            guard = "expired"
+        elif camp.halls and (s is None or s.hall_id not in camp.halls):
+            guard = "scope"
+        elif camp.terminals and (s is None or s.terminal_id not in camp.terminals):
+            guard = "scope"
+        elif camp.pois and poi not in camp.pois:
+            guard = "scope"
+        elif camp.segments and (profile is None or profile.segment not in camp.segments):
+            guard = "scope"
+        elif camp.timed and not camp.in_hours(ts):
+            guard = "hours"
+        elif camp.timed and camp.in_quiet_hours(ts):
+            guard = "quiet_hours"
+        if guard is None:
+            return True
+        self.counts["rule", rule.id, "blocked:" + guard] += 1
+        return False
 
     def _when(
         self,
@@ -723,7 +866,26 @@ class ShardEngine:
         if guards.respect_opt_out and p.opt_out:
             counts["rule", rule.id, "blocked:opt_out"] += 1
             return
-        # 3. the per-customer cap across rules
+        hall = s.hall_id if s is not None else "-"
+        push_id = stable_id(rule.id, cid, trigger_key, module)
+        camp = rule.campaign
+        if camp is not None:
+            # 3. the control group: held out (and recorded) as if pushed
+            if (camp.control_group is not None
+                    and unit_draw("control", camp.campaign, cid) < camp.control_group):
+                self._mark_once(c, s, rule, scope, once_key, module, ts)
+                counts["rule", rule.id, "holdouts"] += 1
+                out.append(Holdout(push_id, rule.id, rule.version, camp.campaign, cid, ts,
+                                   hall, module))
+                return
+            # 4. the lottery: one draw per trigger event (a loss uses up once_per)
+            if (camp.probability is not None
+                    and unit_draw("lottery", rule.id, cid, trigger_key) >= camp.probability):
+                self._mark_once(c, s, rule, scope, once_key, module, ts)
+                counts["rule", rule.id, "blocked:lottery"] += 1
+                return
+        # 5. the per-customer cap across rules
+        times = None
         if guards.max_pushes_per_customer > 0:
             since = ts - guards.cap_window_ms
             times = c.push_times
@@ -734,17 +896,23 @@ class ShardEngine:
             if len(times) >= guards.max_pushes_per_customer:
                 counts["rule", rule.id, "blocked:cap"] += 1
                 return
+        # 6. the campaign quota, shared by every worker (last: it uses up a prize)
+        if camp is not None and camp.quota is not None:
+            try:
+                won = self.quota.take(camp.campaign, camp.quota, push_id)
+            except Exception as exc:  # a store down must not crash the flow
+                counts["rule", rule.id, "blocked:quota_unavailable"] += 1
+                log.warning("rule %r: quota store unavailable (%s): push refused",
+                            rule.id, type(exc).__name__)
+                return
+            if not won:
+                counts["rule", rule.id, "blocked:quota"] += 1
+                return
+            self.taken.setdefault(camp.campaign, set()).add(push_id)
+        if times is not None:
             insort(times, ts)
-        if once_key is not None:
-            if c.once is None:
-                c.once = {}
-            c.once[once_key] = ts + rule.once_ms if scope == "period" else FOREVER
-        elif scope in ("session", "session_service") and s is not None:
-            if s.done is None:
-                s.done = set()
-            s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
+        self._mark_once(c, s, rule, scope, once_key, module, ts)
         channel = f"terminal:{s.terminal_id}" if s is not None else f"customer:{cid}"
-        hall = s.hall_id if s is not None else "-"
         content: dict[str, Any] = {"module": module, "kind": rule.push.kind}
         if rule.push.text:
             content["text"] = rule.push.text
@@ -752,7 +920,7 @@ class ShardEngine:
         reason["rule_version"] = rule.version
         out.append(
             Push(
-                push_id=stable_id(rule.id, cid, trigger_key, module),
+                push_id=push_id,
                 customer_id=cid,
                 channel=channel,
                 rule_id=rule.id,
@@ -778,6 +946,18 @@ class ShardEngine:
             c.recent = recent = [x for x in recent
                                  if ts - x[0] <= self.config.conversion_window_ms]
         recent.append((ts, module, rule.id, hall))
+
+    @staticmethod
+    def _mark_once(c: Customer, s: _Session | None, rule: Rule, scope: str,
+                   once_key: str | None, module: str, ts: int) -> None:
+        if once_key is not None:
+            if c.once is None:
+                c.once = {}
+            c.once[once_key] = ts + rule.once_ms if scope == "period" else FOREVER
+        elif scope in ("session", "session_service") and s is not None:
+            if s.done is None:
+                s.done = set()
+            s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
 
     def _convert(self, c: Customer, module: str, ts: int) -> None:
         window = self.config.conversion_window_ms

@@ -4,6 +4,7 @@ stats out. Built from settings by :func:`build_flow`; reads top to bottom.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -20,16 +21,28 @@ from bytewax.outputs import FixedPartitionedSink, Sink
 from flows import metrics
 from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, shard_key
 from flows.codec import pack, unpack
-from flows.engine import EngineConfig, Progress, ShardEngine, StatDelta, Tick, VisitDone
+from flows.control import RulesStatus, RulesUpdate, compile_update
+from flows.engine import (
+    EngineConfig,
+    Holdout,
+    Progress,
+    ShardEngine,
+    StatDelta,
+    Tick,
+    VisitDone,
+)
 from flows.model import Alert, DeadLetter, Envelope, Limits, Push, RawRecord, decode_record
-from flows.rules import RuleSet
+from flows.rules import RulesError, RuleSet
 from flows.settings import Settings
+from state.guards import InMemoryQuotaStore, QuotaStore
 from state.profiles import ProfileStore
 
-__all__ = ["LiveIntake", "Outputs", "ShardRouter", "build_flow", "live_time_check",
-           "system_now_ms"]
+__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardRouter", "build_flow",
+           "live_time_check", "system_now_ms"]
 
 RETAIN = False
+
+log = logging.getLogger(__name__)
 
 
 def system_now_ms() -> int:
@@ -45,6 +58,44 @@ class Outputs:
     alerts: list[Sink[Any]] = field(default_factory=list)
     dead_letters: list[Sink[Any]] = field(default_factory=list)
     stats: list[Sink[Any]] = field(default_factory=list)
+    holdouts: list[Sink[Any]] = field(default_factory=list)
+    """:class:`flows.engine.Holdout`: control-group customers a rule held out."""
+    rules_status: list[Sink[Any]] = field(default_factory=list)
+    """Rule change decisions (:class:`flows.control.RulesStatus`), with a control source."""
+    rules_applied: list[Sink[Any]] = field(default_factory=list)
+    """``(shard key, RulesApplied)``: each shard (and ``friction``) taking a new rule set."""
+
+
+@dataclass(frozen=True, slots=True)
+class RulesApplied:
+    """A stateful key switched to rule set ``version`` (emitted once per key and version)."""
+
+    version: int
+    digest: str
+
+
+def _update_state(u: RulesUpdate) -> list[Any]:
+    return [u.version, u.doc, u.digest, u.origin]
+
+
+def _compiled(u: RulesUpdate) -> RuleSet | None:
+    """An update's rule set; None (logged) if it no longer compiles here (it was
+    validated before the broadcast, so only a different code version can refuse it)."""
+    try:
+        return compile_update(u.version, u.doc, u.digest, u.origin)
+    except RulesError as exc:
+        log.error("rules: version %d does not compile here; keeping the current set: %s",
+                  u.version, "; ".join(exc.errors))
+        return None
+
+
+def _restore_rules(st: dict[str, Any] | None, rules: RuleSet) -> tuple[RuleSet, RulesUpdate | None]:
+    """The rule set a snapshot was taken with (its ``ruleset`` entry), else ``rules``."""
+    if st is None or "ruleset" not in st:
+        return rules, None
+    v, doc, digest, origin = st.pop("ruleset")
+    u = RulesUpdate(int(v), dict(doc), str(digest), str(origin))
+    return compile_update(u.version, u.doc, u.digest, u.origin), u
 
 
 def _dt(ms: int) -> datetime:
@@ -62,8 +113,11 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
     """
 
     def __init__(self, engine: ShardEngine, intake: LiveIntake | None,
-                 now_ms: Callable[[], int], stats_every_ms: int, recovery: bool) -> None:
+                 now_ms: Callable[[], int], stats_every_ms: int, recovery: bool,
+                 applied: RulesUpdate | None = None) -> None:
         self.engine = engine
+        self.applied = applied  # the last rule change this shard took (None: the start set)
+        self.version = engine.rules.version
         self.recovery = recovery
         self.intake = intake
         self.live = intake is not None
@@ -76,7 +130,10 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         eng = self.engine
         if self.intake is not None:
             now = self.now_ms()
-            eng.on_live_batch(self.intake(values, now, out), now, out)
+            if any(type(v) is RulesUpdate for v in values):  # per group, not per record
+                self._live_with_updates(values, now, out)
+            else:
+                eng.on_live_batch(self.intake(values, now, out), now, out)
             self._live_stats(now, out)
             return out, RETAIN
         for v in values:
@@ -88,6 +145,33 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
             else:
                 eng.buffer_event(v)
         return out, RETAIN
+
+    def _live_with_updates(self, values: list[Any], now: int, out: list[Any]) -> None:
+        """Groups before a rule change run with the old set, groups after with the new."""
+        intake = self.intake
+        assert intake is not None
+        run: list[Any] = []
+        for v in values:
+            if type(v) is RulesUpdate:
+                if run:
+                    self.engine.on_live_batch(intake(run, now, out), now, out)
+                    run = []
+                self._apply(v, out)
+            else:
+                run.append(v)
+        if run:
+            self.engine.on_live_batch(intake(run, now, out), now, out)
+
+    def _apply(self, u: RulesUpdate, out: list[Any]) -> None:
+        if u.version <= self.version:
+            return  # already in force here (a duplicate never applies twice)
+        rules = _compiled(u)
+        if rules is None:
+            return
+        self.engine.set_rules(rules)  # all per-customer state stays
+        self.version = u.version
+        self.applied = u
+        out.append(RulesApplied(u.version, u.digest))
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
         out: list[Any] = []
@@ -111,7 +195,12 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
     def snapshot(self) -> bytes:
         # Bytewax 0.21.1 asks every key that woke up for a snapshot at each epoch end,
         # even when no recovery store keeps it; a whole shard is not packed for nothing.
-        return pack(self.engine.snapshot()) if self.recovery else b""
+        if not self.recovery:
+            return b""
+        snap = self.engine.snapshot()
+        if self.applied is not None:
+            snap["ruleset"] = _update_state(self.applied)
+        return pack(snap)
 
     def _live_stats(self, now: int, out: list[Any]) -> None:
         if now >= self.next_stats:
@@ -150,14 +239,24 @@ class _SequencerLogic(StatefulBatchLogic[Envelope, Any, bytes]):
 class _FrictionLogic(StatefulBatchLogic[Any, Any, bytes]):
     """Bytewax shim over :class:`FrictionEngine` (one key)."""
 
-    def __init__(self, engine: FrictionEngine) -> None:
+    def __init__(self, engine: FrictionEngine, version: int,
+                 applied: RulesUpdate | None = None) -> None:
         self.engine = engine
+        self.version = version
+        self.applied = applied
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
         out: list[Any] = []
         for v in values:
             if type(v) is VisitDone:
                 self.engine.on_visit(v, out)
+            elif type(v) is RulesUpdate:
+                rules = _compiled(v) if v.version > self.version else None
+                if rules is not None:
+                    self.engine.set_rules(rules)
+                    self.version = v.version
+                    self.applied = v
+                    out.append(RulesApplied(v.version, v.digest))
             else:
                 self.engine.on_progress(v, out)
         return out, RETAIN
@@ -168,7 +267,10 @@ class _FrictionLogic(StatefulBatchLogic[Any, Any, bytes]):
         return out, RETAIN
 
     def snapshot(self) -> bytes:
-        return pack(self.engine.snapshot())
+        snap = self.engine.snapshot()
+        if self.applied is not None:
+            snap["ruleset"] = _update_state(self.applied)
+        return pack(snap)
 
 
 class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
@@ -230,15 +332,39 @@ class ShardRouter:
     Clicks are what needs profiles: the customers of the records from the source
     ``clicks_source`` (``"topic/"`` prefix) get their profiles fetched here in one
     round trip for the whole batch (``profiles.prefetch``), rather than one per shard.
+
+    With ``control``, a :class:`flows.control.RulesUpdate` in the batch (the accepted
+    rule changes merged into the input) is sent to *every* shard key, in its place:
+    each shard gets the records the router saw before it, then the update, then the
+    records after it.
     """
 
     shards: int
     limits: Limits
     profiles: ProfileStore | None = None
     clicks_source: str | None = None
+    control: bool = False
 
-    def __call__(self, records: list[RawRecord]) -> list[tuple[str, list[RawRecord]]]:
-        """``[(shard key, records of that shard in arrival order), ...]``."""
+    def __call__(self, records: list[Any]) -> list[tuple[str, Any]]:
+        """``[(shard key, records of that shard in arrival order | RulesUpdate), ...]``."""
+        if self.control and any(type(r) is RulesUpdate for r in records):
+            out: list[tuple[str, Any]] = []
+            seg: list[RawRecord] = []
+            for r in records:
+                if type(r) is RulesUpdate:
+                    if seg:
+                        out.extend(self.route(seg))
+                        seg = []
+                    out.extend((shard_key(s), r) for s in range(self.shards))
+                else:
+                    seg.append(r)
+            if seg:
+                out.extend(self.route(seg))
+            return out
+        return self.route(records)
+
+    def route(self, records: list[RawRecord]) -> list[tuple[str, Any]]:
+        """Raw records only: ``[(shard key, records of that shard in order), ...]``."""
         shards = self.shards
         groups: dict[int, list[RawRecord]] = {}
         crc32 = zlib.crc32
@@ -347,6 +473,8 @@ def build_flow(
     profiles: ProfileStore,
     now_ms: Callable[[], int] = system_now_ms,
     recovery: bool = False,
+    control: Source[Any] | None = None,
+    quota: QuotaStore | None = None,
 ) -> Dataflow:
     """Build the experience dataflow.
 
@@ -355,6 +483,17 @@ def build_flow(
     timers on the wall clock given by ``now_ms``. ``recovery`` says whether the flow
     runs with a Bytewax recovery store: without one the per-customer shards are not
     serialised at every epoch (their snapshot would be thrown away).
+
+    ``quota`` holds campaign quotas for every worker (a Redis store across processes);
+    by default one in-memory store for this flow, shared by its workers.
+
+    ``control`` (live only; see :class:`connectors.rules_sources.ControlSource`) is the
+    rule-change input: it yields :class:`flows.control.RulesStatus` decisions (to
+    ``outputs.rules_status``) and accepted :class:`flows.control.RulesUpdate` sets, which
+    are merged into the event input ahead of the router, sent to every shard key and to
+    the friction key, and applied there once (by version), keeping all per-customer
+    state. ``rules`` is the set in force until then, and after a restart the set each
+    key's snapshot names.
     """
     es = settings.engine
     live = settings.mode == "live"
@@ -366,20 +505,40 @@ def build_flow(
     stats_ms = int(es.stats_interval_s * 1000)
 
     intake = LiveIntake(limits, lateness_ms, horizon_ms, skew_ms) if live else None
+    quotas: QuotaStore = quota if quota is not None else InMemoryQuotaStore()
 
     def decode(rec: RawRecord) -> Envelope | DeadLetter:
         return decode_record(rec, limits)
 
     def shard_builder(state: bytes | None) -> _ShardLogic:
-        eng = ShardEngine(-1, rules, profiles, config, unpack(state) if state else None)
-        return _ShardLogic(eng, intake, now_ms, stats_ms, recovery)
+        st = unpack(state) if state else None
+        rs, applied = _restore_rules(st, rules)
+        eng = ShardEngine(-1, rs, profiles, config, st, quota=quotas)
+        return _ShardLogic(eng, intake, now_ms, stats_ms, recovery, applied)
 
+    def friction_builder(state: bytes | None) -> _FrictionLogic:
+        st = unpack(state) if state else None
+        rs, applied = _restore_rules(st, rules)
+        return _FrictionLogic(FrictionEngine(rs, es.shards, live, st), rs.version, applied)
+
+    if control is not None and not live:
+        raise ValueError("rule changes while running (control) need live mode")
     flow = Dataflow("touchstream")
-    raw = op.input("events_in", flow, source)
+    raw: Stream[Any] = op.input("events_in", flow, source)
     # raw: RawRecord (bytes, where they came from, format)
+    updates: Stream[Any] | None = None
+    if control is not None:
+        ctl = op.input("rules_in", flow, control)
+        # ctl: RulesUpdate (an accepted rule set) | RulesStatus (every decision)
+        updates = op.filter("rule_updates", ctl, _is_update)
+        _emit("rules_status_out", op.filter("rules_status", ctl, _is_status),
+              outputs.rules_status)
+        raw = op.merge("events_and_rules", raw, updates)
+        # raw: RawRecord | RulesUpdate, each update in its place in the router's batch
     dead: Stream[Any]
     if live:
-        router = ShardRouter(es.shards, limits, profiles, f"{settings.kafka.clicks_topic}/")
+        router = ShardRouter(es.shards, limits, profiles, f"{settings.kafka.clicks_topic}/",
+                             control=control is not None)
         keyed = op.flat_map_batch("route_to_shards", raw, router)
         # keyed: (shard key, [RawRecord, ...]): decoded by the shard, applied on arrival
     else:
@@ -407,14 +566,15 @@ def build_flow(
         dead = op.filter_map("dead_letters", shard_out, _of_type(DeadLetter))
         # dead: DeadLetter (bad bytes, wrong fields, key mismatch, too old, future)
     pushes = op.filter_map("pushes", shard_out, _of_type(Push))
+    holdouts = op.filter_map("holdouts", shard_out, _of_type(Holdout))
+    # holdouts: Holdout (a control-group customer a rule held out, for uplift)
     customer_alerts = op.filter_map("customer_alerts", shard_out, _of_type(Alert))
 
     friction_in = op.filter_map("visits", shard_out, _for_friction)
-    friction_out = op.stateful_batch(
-        "step_friction", friction_in,
-        lambda st: _FrictionLogic(FrictionEngine(rules, es.shards, live,
-                                                 unpack(st) if st else None)),
-    )
+    if updates is not None:
+        friction_in = op.merge("visits_and_rules", friction_in,
+                               op.map("rules_to_friction", updates, _to_friction))
+    friction_out = op.stateful_batch("step_friction", friction_in, friction_builder)
     # friction_out: ("friction", Alert | StatDelta)
     step_alerts = op.filter_map("step_alerts", friction_out, _of_type(Alert))
     alerts = op.merge("alerts", customer_alerts, step_alerts)
@@ -437,7 +597,29 @@ def build_flow(
     _emit("alerts_out", alerts, outputs.alerts)
     _emit("dead_letters_out", dead, outputs.dead_letters)
     _emit("stats_out", stats_docs, outputs.stats)
+    _emit("holdouts_out", holdouts, outputs.holdouts)
+    if outputs.rules_applied:
+        applied = op.merge("rules_applied",
+                           op.filter("shard_rules_applied", shard_out, _is_applied),
+                           op.filter("friction_rules_applied", friction_out, _is_applied))
+        _emit("rules_applied_out", applied, outputs.rules_applied)
     return flow
+
+
+def _is_update(x: Any) -> bool:
+    return type(x) is RulesUpdate
+
+
+def _is_status(x: Any) -> bool:
+    return type(x) is RulesStatus
+
+
+def _is_applied(kv: tuple[str, Any]) -> bool:
+    return type(kv[1]) is RulesApplied
+
+
+def _to_friction(u: RulesUpdate) -> tuple[str, RulesUpdate]:
+    return ("friction", u)
 
 
 def _route_to_shard(kv: tuple[str, Any]) -> tuple[str, Any] | None:

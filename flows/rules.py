@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,7 @@ from flows.cel import Condition, compile_condition
 __all__ = [
     "DEFAULT_RULES_RESOURCE",
     "AlertAction",
+    "Campaign",
     "Guards",
     "PushAction",
     "Rule",
@@ -180,8 +182,26 @@ class TrialEnding(BaseModel):
     )
 
 
+EventType = Literal["click", "location", "calls"]
+
+
+class AnyEvent(BaseModel):
+    """Any event of ``type`` (optionally only click ``action``, ``module`` or one of
+    ``modules``, ``step``, or a location at ``poi``): the generic trigger."""
+
+    model_config = _MODEL
+    kind: Literal["event"]
+    type: EventType
+    action: Name | None = None
+    module: Name | None = None
+    modules: list[Name] = Field(default_factory=list, max_length=100)
+    step: Name | None = None
+    poi: Name | None = None
+
+
 Trigger = Annotated[
-    LocationFrequency
+    AnyEvent
+    | LocationFrequency
     | CallSpike
     | ModuleEnter
     | SessionStartUnconfigured
@@ -200,6 +220,7 @@ _ALLOWED_ONCE: dict[str, set[str]] = {
     "step_dwell": {"visit"},
     "step_friction": {"period"},
     "trial_ending": {"service", "period"},
+    "event": {"period", "session"},
 }
 
 
@@ -215,6 +236,76 @@ class AlertModel(BaseModel):
     type: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[a-z0-9_.-]+$")]
 
 
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _minute_of_day(v: str) -> int:
+    m = _HHMM.match(v)
+    if m is None:
+        raise ValueError(f"not a time of day: {v!r} (use 'HH:MM', e.g. '22:00')")
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+def _zone(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v):
+        raise ValueError(f"not a time zone name: {v!r} (use e.g. 'Asia/Shanghai')")
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {v!r} (use e.g. 'Asia/Shanghai')") from None
+    return v
+
+
+def _instant_ms(v: Any) -> int:
+    """An RFC 3339 timestamp with an offset (YAML may hand over a datetime) -> epoch ms."""
+    if isinstance(v, datetime):
+        dt = v
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"not an RFC 3339 timestamp: {v!r} "
+                             "(use e.g. '2026-12-01T00:00:00+08:00')") from None
+    else:
+        raise ValueError("a timestamp must be a string like '2026-12-01T00:00:00+08:00'")
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"timestamp {v!r} needs an offset (e.g. '+08:00' or 'Z')")
+    return round(dt.astimezone(UTC).timestamp() * 1000)
+
+
+class ScopeModel(BaseModel):
+    model_config = _MODEL
+    halls: list[Name] = Field(default_factory=list, max_length=1000)
+    terminals: list[Name] = Field(default_factory=list, max_length=1000)
+    segments: list[Name] = Field(default_factory=list, max_length=100)
+    pois: list[Name] = Field(default_factory=list, max_length=100)
+
+
+class QuietHoursModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    start: str = Field(alias="from")
+    until: str
+    timezone: str | None = Field(None, max_length=64)
+
+    @field_validator("start", "until")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        _minute_of_day(v)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return None if v is None else _zone(v)
+
+
+class QuotaModel(BaseModel):
+    model_config = _MODEL
+    max: int = Field(ge=0, le=1_000_000_000)
+    per: Literal["campaign"] = "campaign"
+
+
 class RuleModel(BaseModel):
     model_config = _MODEL
     id: Name
@@ -226,6 +317,28 @@ class RuleModel(BaseModel):
     once_per: str | None = None
     when: str | None = None
     description: str | None = Field(None, max_length=1000)
+    campaign: Name | None = None
+    valid_from: Annotated[int, BeforeValidator(_instant_ms)] | None = None
+    valid_until: Annotated[int, BeforeValidator(_instant_ms)] | None = None
+    scope: ScopeModel | None = None
+    hours: list[str] | None = Field(None, min_length=1, max_length=24)
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] | None = Field(
+        None, min_length=1, max_length=7)
+    quiet_hours: QuietHoursModel | None = None
+    quota: QuotaModel | None = None
+    probability: float | None = Field(None, ge=0.0, le=1.0)
+    control_group: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @field_validator("hours")
+    @classmethod
+    def _windows(cls, v: list[str] | None) -> list[str] | None:
+        for w in v or ():
+            a, sep, b = w.partition("-")
+            if not sep:
+                raise ValueError(f"not a time window: {w!r} (use 'HH:MM-HH:MM')")
+            if _minute_of_day(a.strip()) == _minute_of_day(b.strip()):
+                raise ValueError(f"empty time window: {w!r}")
+        return v
 
 
 class GuardsModel(BaseModel):
@@ -270,6 +383,68 @@ class AlertAction:
     type: str
 
 
+def _in_window(minute: int, start: int, end: int) -> bool:
+    """``start`` inclusive, ``end`` exclusive; a window with ``start > end`` crosses
+    midnight."""
+    if start < end:
+        return start <= minute < end
+    return minute >= start or minute < end
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A rule's campaign guards and targeting (all optional; see the README, "Campaign
+    guards and targeting").
+
+    ``valid_from_ms`` is inclusive and ``valid_until_ms`` exclusive (event time);
+    scopes are sets (empty = any); ``hours`` are ``(start, end)`` minutes of the day in
+    ``timezone``, start inclusive, end exclusive, crossing midnight when start > end;
+    ``days`` are ISO weekdays 1..7 (of the local date of the trigger); ``quiet`` is
+    ``(start, end)`` minutes in ``quiet_timezone``; ``quota`` is the campaign-wide
+    number of pushes (``campaign`` names it, by default the rule id); ``probability``
+    the lottery's chance to win; ``control_group`` the share held out.
+    """
+
+    campaign: str
+    valid_from_ms: int | None = None
+    valid_until_ms: int | None = None
+    halls: frozenset[str] = frozenset()
+    terminals: frozenset[str] = frozenset()
+    segments: frozenset[str] = frozenset()
+    pois: frozenset[str] = frozenset()
+    timezone: str = "UTC"
+    hours: tuple[tuple[int, int], ...] = ()
+    days: frozenset[int] = frozenset()
+    quiet: tuple[int, int] | None = None
+    quiet_timezone: str = "UTC"
+    quota: int | None = None
+    probability: float | None = None
+    control_group: float | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether the local time of day or weekday matters."""
+        return bool(self.hours or self.days or self.quiet is not None)
+
+    def in_hours(self, ts_ms: int) -> bool:
+        """Whether ``ts_ms`` is in one of the ``hours`` windows on one of the ``days``."""
+        if not self.hours and not self.days:
+            return True
+        local = datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(self.timezone))
+        if self.days and local.isoweekday() not in self.days:
+            return False
+        minute = local.hour * 60 + local.minute
+        return not self.hours or any(_in_window(minute, a, b) for a, b in self.hours)
+
+    def in_quiet_hours(self, ts_ms: int) -> bool:
+        """Whether ``ts_ms`` is within the quiet hours (``from`` inclusive, ``until``
+        exclusive)."""
+        if self.quiet is None:
+            return False
+        local = datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(self.quiet_timezone))
+        return _in_window(local.hour * 60 + local.minute, *self.quiet)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule. ``once_scope`` is ``period`` (with ``once_ms``) or a scope name;
@@ -284,6 +459,7 @@ class Rule:
     once_ms: int
     description: str | None = None
     when: Condition | None = None
+    campaign: Campaign | None = None
 
     @property
     def kind(self) -> str:
@@ -350,6 +526,7 @@ _TRIGGER_KINDS = {
     "step_dwell",
     "step_friction",
     "trial_ending",
+    "event",
 }
 
 
@@ -379,7 +556,9 @@ def _compile_rule(m: RuleModel, timezone: str = "UTC") -> Rule:
     if m.alert is not None and kind not in {"step_dwell", "step_friction"}:
         raise ValueError(f"alert: trigger {kind} can only push (alerts come from step_dwell "
                          "and step_friction)")
-    needs_module = kind in {"location_frequency", "call_spike"}
+    needs_module = kind in {"location_frequency", "call_spike"} or (
+        isinstance(m.trigger, AnyEvent) and m.trigger.module is None
+        and not m.trigger.modules)
     if m.push is not None and needs_module and m.push.module is None:
         raise ValueError(f"push.module: required for trigger {kind}")
     if isinstance(m.trigger, CallSpike) and m.trigger.min_history > m.trigger.max_history:
@@ -388,6 +567,14 @@ def _compile_rule(m: RuleModel, timezone: str = "UTC") -> Rule:
     if m.when is not None:
         when = compile_condition(m.when, kind, m.id, m.version, timezone, MAX_WHEN_CHARS,
                                  MAX_WHEN_DEPTH, MAX_WHEN_NODES, MAX_WHEN_LOOPS)
+    if isinstance(m.trigger, AnyEvent):
+        t = m.trigger
+        if t.type != "click" and (t.action or t.module or t.modules or t.step):
+            raise ValueError("trigger: action, module(s) and step are for click events")
+        if t.module and t.modules:
+            raise ValueError("trigger: give module or modules, not both")
+        if t.type != "location" and t.poi:
+            raise ValueError("trigger.poi: only for location events")
     return Rule(
         id=m.id,
         version=m.version,
@@ -398,6 +585,52 @@ def _compile_rule(m: RuleModel, timezone: str = "UTC") -> Rule:
         once_ms=once_ms,
         description=m.description,
         when=when,
+        campaign=_compile_campaign(m, timezone),
+    )
+
+
+def _compile_campaign(m: RuleModel, timezone: str) -> Campaign | None:
+    fields = (m.campaign, m.valid_from, m.valid_until, m.scope, m.hours, m.days,
+              m.quiet_hours, m.quota, m.probability, m.control_group)
+    if all(f is None for f in fields):
+        return None
+    if m.trigger.kind == "step_friction":
+        raise ValueError("step_friction concerns many customers: campaign guards and "
+                         "targeting apply to rules about one customer")
+    if (m.valid_from is not None and m.valid_until is not None
+            and m.valid_until <= m.valid_from):
+        raise ValueError("valid_until: must be after valid_from")
+    if m.alert is not None and (m.quota is not None or m.probability is not None
+                                or m.control_group is not None):
+        raise ValueError("quota, probability and control_group apply to pushes; "
+                         "a rule with an alert cannot have them")
+    hours: list[tuple[int, int]] = []
+    for w in m.hours or ():
+        a, _, b = w.partition("-")
+        hours.append((_minute_of_day(a.strip()), _minute_of_day(b.strip())))
+    q = m.quiet_hours
+    quiet = None
+    if q is not None:
+        quiet = (_minute_of_day(q.start), _minute_of_day(q.until))
+        if quiet[0] == quiet[1]:
+            raise ValueError("quiet_hours: 'from' and 'until' must differ")
+    sc = m.scope
+    return Campaign(
+        campaign=m.campaign or m.id,
+        valid_from_ms=m.valid_from,
+        valid_until_ms=m.valid_until,
+        halls=frozenset(sc.halls) if sc else frozenset(),
+        terminals=frozenset(sc.terminals) if sc else frozenset(),
+        segments=frozenset(sc.segments) if sc else frozenset(),
+        pois=frozenset(sc.pois) if sc else frozenset(),
+        timezone=timezone,
+        hours=tuple(hours),
+        days=frozenset(_DAYS.index(d) + 1 for d in m.days or ()),
+        quiet=quiet,
+        quiet_timezone=(q.timezone or timezone) if q is not None else timezone,
+        quota=m.quota.max if m.quota is not None else None,
+        probability=m.probability,
+        control_group=m.control_group,
     )
 
 

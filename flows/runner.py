@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,12 +28,27 @@ from connectors.files import (
     SortedJsonlSink,
     alert_row,
     dead_letter_row,
+    holdout_row,
     push_row,
 )
 from connectors.kafka import KafkaInput, KafkaMessage, KafkaOutput
 from connectors.mapped import MappedSink
 from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput, write_rules
 from connectors.redis_push import RedisPushConfig, RedisPushOutput
+from connectors.rules_sources import (
+    DEFAULT_CONTROL_TOPIC,
+    DEFAULT_REDIS_CHANNEL,
+    DEFAULT_REDIS_KEY,
+    DEFAULT_STATUS_TOPIC,
+    ControlSource,
+    FileRules,
+    InputEnd,
+    KafkaRules,
+    RedisRules,
+    RulesBackend,
+    end_with_input,
+    status_message,
+)
 from connectors.webhook import (
     DeadLetterHandler,
     JsonlDeadLetterFile,
@@ -40,17 +56,26 @@ from connectors.webhook import (
     dead_letter_record,
 )
 from flows.codec import json_dumps
+from flows.control import ActiveRules, RulesStatus, compile_update, parse_rules_text
 from flows.experience import Outputs, build_flow
 from flows.metrics import MetricsServer, start_metrics_server
 from flows.model import Alert, DeadLetter, Push, RawRecord
-from flows.rules import RuleSet, load_default_rules, load_rules
+from flows.rules import DEFAULT_RULES_RESOURCE, RuleSet, load_default_rules, load_rules
 from flows.settings import Settings
 from flows.shutdown import StopRequest, handle_stop_signals, stoppable
+from state.guards import QuotaStore
 from state.profiles import InMemoryProfileStore, ProfileStore, read_profiles_jsonl
-from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore, make_client
+from state.redis_store import (
+    RedisClient,
+    RedisGuardStore,
+    RedisProfileStore,
+    RedisQuotaStore,
+    make_client,
+)
 
-__all__ = ["RecoveryDirError", "all_topics", "load_rule_set", "prepare_recovery",
-           "recovery_dir", "replay", "run_dataflow", "run_live", "tune_gc"]
+__all__ = ["RecoveryDirError", "all_topics", "control_source", "load_rule_set",
+           "load_rules_doc", "prepare_recovery", "recovery_dir", "replay", "run_dataflow",
+           "run_live", "tune_gc"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +83,52 @@ log = logging.getLogger(__name__)
 def load_rule_set(settings: Settings) -> RuleSet:
     """The rules file from settings, or the shipped defaults."""
     return load_rules(settings.rules_file) if settings.rules_file else load_default_rules()
+
+
+def load_rules_doc(settings: Settings) -> ActiveRules:
+    """The start rule set as a document (what rule changes are checked against)."""
+    if settings.rules_file:
+        p = Path(settings.rules_file)
+        return ActiveRules.of(parse_rules_text(p.read_bytes(), str(p)), str(p))
+    text = resources.files("flows").joinpath(DEFAULT_RULES_RESOURCE).read_bytes()
+    return ActiveRules.of(parse_rules_text(text, f"flows/{DEFAULT_RULES_RESOURCE}"),
+                          f"flows/{DEFAULT_RULES_RESOURCE}")
+
+
+def control_source(settings: Settings, latch: InputEnd,
+                   client_factory: Callable[[], RedisClient] | None = None,
+                   on_accept: Callable[[ActiveRules], None] | None = None,
+                   ) -> ControlSource | None:
+    """The rule-change input live mode reads, or None if there is nothing to watch.
+
+    Backends, in this order: the rules file (``rules_file``, polled every 0.2 s), the
+    Redis key ``touchstream:rules`` with its pub/sub channel (with ``redis.url``), the
+    Kafka control topic ``ops.rules`` (with ``kafka.brokers``).
+    """
+    backends: list[RulesBackend] = []
+    if settings.rules_file:
+        backends.append(FileRules(settings.rules_file))
+    if settings.redis.url is not None:
+        # short timeouts: an outage is retried by the next read, never waited out
+        factory = client_factory or functools.partial(
+            make_client, settings.redis, socket_connect_timeout=1.0, socket_timeout=2.0)
+        backends.append(RedisRules(factory, DEFAULT_REDIS_KEY, DEFAULT_REDIS_CHANNEL))
+    if settings.kafka.brokers:
+        backends.append(KafkaRules(settings.kafka.brokers, DEFAULT_CONTROL_TOPIC,
+                                   dict(settings.kafka.config)))
+    if not backends:
+        return None
+    return ControlSource(load_rules_doc(settings), backends, until=latch, on_accept=on_accept)
+
+
+def rules_status_message(topic: str) -> Callable[[RulesStatus], KafkaMessage]:
+    """Rule change decision → ``ops.rules.status`` (key: the outcome)."""
+
+    def to_msg(s: RulesStatus) -> KafkaMessage:
+        return KafkaMessage(topic, s.outcome.encode(), status_message(s),
+                            (("content-type", b"application/json"),))
+
+    return to_msg
 
 
 def run_dataflow(flow: Dataflow, workers: int, epoch_s: float, *,
@@ -153,13 +224,21 @@ def prepare_recovery(settings: Settings) -> RecoveryConfig | None:
                           timedelta(seconds=rs.backup_interval_s))
 
 
-def replay(settings: Settings, events: Path) -> Path:
-    """Replay a JSONL file in event time; write the four outputs to ``settings.out_dir``."""
+REPLAY_FILES = ("pushes.jsonl", "alerts.jsonl", "dead_letters.jsonl", "holdouts.jsonl",
+                "stats.json")
+"""What a replay writes to its output directory."""
+
+
+def replay(settings: Settings, events: Path, rules: RuleSet | None = None) -> Path:
+    """Replay a JSONL file in event time; write the outputs to ``settings.out_dir``.
+
+    ``rules`` (backtests) replaces the rules of the settings.
+    """
     assert settings.out_dir is not None
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A sink partition that receives nothing is never built: start every file empty.
-    for name in ("pushes.jsonl", "alerts.jsonl", "dead_letters.jsonl", "stats.json"):
+    for name in REPLAY_FILES:
         (out / name).write_bytes(b"")
     profiles = InMemoryProfileStore(
         read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
@@ -169,12 +248,13 @@ def replay(settings: Settings, events: Path) -> Path:
         alerts=[SortedJsonlSink(out / "alerts.jsonl", alert_row)],
         dead_letters=[SortedJsonlSink(out / "dead_letters.jsonl", dead_letter_row)],
         stats=[JsonDocSink(out / "stats.json")],
+        holdouts=[SortedJsonlSink(out / "holdouts.jsonl", holdout_row)],
     )
     flow = build_flow(
         settings,
         source=JsonlSource(Path(events)),
         outputs=outputs,
-        rules=load_rule_set(settings),
+        rules=rules if rules is not None else load_rule_set(settings),
         profiles=profiles,
     )
     run_dataflow(flow, settings.engine.workers, settings.engine.epoch_interval_s)
@@ -264,7 +344,11 @@ def all_topics(settings: Settings) -> dict[str, int]:
     k = settings.kafka
     names = [k.clicks_topic, k.location_topic, k.calls_topic, k.pushes_topic, k.alerts_topic,
              k.alerts_dlq_topic, k.dead_letters_topic, k.stats_topic]
-    return {n: k.partitions.get(n, k.default_partitions) for n in names}
+    topics = {n: k.partitions.get(n, k.default_partitions) for n in names}
+    # rule changes are ordered within one partition only
+    topics[DEFAULT_CONTROL_TOPIC] = 1
+    topics[DEFAULT_STATUS_TOPIC] = 1
+    return topics
 
 
 def tune_gc(gen0_threshold: int) -> None:
@@ -310,6 +394,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     profiles: ProfileStore
     redis_client: RedisClient | None = None
     redis_profiles: RedisProfileStore | None = None
+    on_accept: Callable[[ActiveRules], None] | None = None
     if settings.redis.url is not None:
         redis_client = make_client(settings.redis)
         profiles = redis_profiles = RedisProfileStore(
@@ -331,6 +416,11 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         for out_list in (outputs.pushes, outputs.alerts, outputs.stats):
             out_list.append(ops_feed)
         write_rules(redis_client, rules)
+        console_client = redis_client
+
+        def on_accept(a: ActiveRules) -> None:
+            write_rules(console_client,
+                        compile_update(a.version, a.doc, a.digest, a.origin))
     else:
         profiles = InMemoryProfileStore(
             read_profiles_jsonl(settings.profiles_file) if settings.profiles_file else ()
@@ -345,6 +435,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))
         outputs.dead_letters.append(MappedSink(out, dead_letter_message(k.dead_letters_topic)))
         outputs.stats.append(MappedSink(out, stats_message(k.stats_topic)))
+        outputs.rules_status.append(MappedSink(out, rules_status_message(DEFAULT_STATUS_TOPIC)))
     else:
         demo_store = profiles
 
@@ -376,9 +467,14 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     if wrap_source is not None:
         source = wrap_source(source)
     stop = stop if stop is not None else StopRequest()
-    source = stoppable(source, stop)
+    latch = InputEnd()
+    control = control_source(settings, latch, on_accept=on_accept)
+    source = stoppable(end_with_input(source, latch), stop)
+    # campaign quotas: in Redis, shared by every process; else by this process's workers
+    quota: QuotaStore | None = RedisQuotaStore(redis_client) if redis_client is not None else None
     flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles,
-                      recovery=recovery is not None)
+                      recovery=recovery is not None, quota=quota,
+                      control=stoppable(control, stop) if control is not None else None)
     es = settings.engine
     # With recovery, the epoch is the snapshot interval (Bytewax snapshots at epoch ends).
     epoch_s = settings.recovery.snapshot_interval_s if recovery is not None else es.epoch_interval_s

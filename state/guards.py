@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias, runtime_c
 if TYPE_CHECKING:
     from flows.model import Push
 
-__all__ = ["FOREVER_MS", "Decision", "GuardRequest", "GuardStore", "InMemoryGuardStore"]
+__all__ = [
+    "FOREVER_MS",
+    "PROCESS_QUOTA",
+    "Decision",
+    "GuardRequest",
+    "GuardStore",
+    "InMemoryGuardStore",
+    "InMemoryQuotaStore",
+    "QuotaStore",
+]
 
 Decision: TypeAlias = Literal["ok", "duplicate", "cap", "once"]
 
@@ -127,3 +136,62 @@ class InMemoryGuardStore:
         if r.once_key is not None:
             self._once[r.customer_id, r.once_key] = r.once_until()
         return "ok"
+
+
+@runtime_checkable
+class QuotaStore(Protocol):
+    """A campaign-wide quota shared by every worker: at most ``limit`` tokens per
+    campaign are ever taken.
+
+    ``take`` is idempotent per token (a push id): taking a token already taken answers
+    True again without counting it twice, so a push decided again after a restart
+    (replayed from a snapshot) keeps its prize and uses no second one.
+    """
+
+    def take(self, campaign: str, limit: int, token: str) -> bool:
+        """Take one of ``limit`` places of ``campaign`` for ``token``; False if full."""
+        ...
+
+    def taken(self, campaign: str) -> int:
+        """How many places of ``campaign`` are taken."""
+        ...
+
+    def restore(self, campaign: str, tokens: Sequence[str]) -> None:
+        """Put back tokens taken before a restart (from a snapshot), whatever the limit."""
+        ...
+
+
+class InMemoryQuotaStore:
+    """:class:`QuotaStore` for one process, safe to share between its worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, set[str]] = {}
+
+    def take(self, campaign: str, limit: int, token: str) -> bool:
+        """Take a place for ``token`` unless ``limit`` are taken (idempotent per token)."""
+        with self._lock:
+            tokens = self._tokens.get(campaign)
+            if tokens is None:
+                tokens = self._tokens[campaign] = set()
+            if token in tokens:
+                return True
+            if len(tokens) >= limit:
+                return False
+            tokens.add(token)
+            return True
+
+    def taken(self, campaign: str) -> int:
+        """How many places of ``campaign`` are taken."""
+        with self._lock:
+            return len(self._tokens.get(campaign, ()))
+
+    def restore(self, campaign: str, tokens: Sequence[str]) -> None:
+        """Put back tokens taken before a restart (from a snapshot), whatever the limit."""
+        with self._lock:
+            self._tokens.setdefault(campaign, set()).update(tokens)
+
+
+PROCESS_QUOTA: Final = InMemoryQuotaStore()
+"""The quota store every engine of this process shares unless it is given another (for
+several processes, use ``state.redis_store.RedisQuotaStore``)."""

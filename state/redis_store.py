@@ -93,6 +93,7 @@ __all__ = [
     "RedisGuardStore",
     "RedisHealth",
     "RedisProfileStore",
+    "RedisQuotaStore",
     "client_options",
     "connect",
     "make_client",
@@ -864,3 +865,50 @@ class RedisGuardStore:
             for i, code in zip(idx, reply, strict=True):
                 out[i] = _DECISIONS[int(code)]
         return out
+
+
+# KEYS[1] = the campaign's quota set; ARGV[1] = limit, ARGV[2] = token.
+# Returns 1 if the token holds a place (already or now), 0 if the quota is full.
+_QUOTA_LUA: Final = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+"""
+
+_QUOTA_SHA: Final = hashlib.sha1(_QUOTA_LUA.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+class RedisQuotaStore:
+    """:class:`state.guards.QuotaStore` in Redis, shared by every worker and process.
+
+    ``quota:{<campaign>}`` is a set of the push ids that took a place; one Lua script
+    checks membership, size and adds atomically, so however many workers ask at once,
+    the set never grows past the limit, and asking again for a push id already in it
+    answers yes without taking a second place. The set has no expiry (a campaign's
+    prizes are counted for good; delete the key to reset a campaign). Connection errors
+    are raised to the caller.
+    """
+
+    def __init__(self, client: RedisClient, prefix: str = "quota:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def key(self, campaign: str) -> str:
+        """The key of a campaign's quota set."""
+        return f"{self._prefix}{{{campaign}}}"
+
+    def take(self, campaign: str, limit: int, token: str) -> bool:
+        """Take a place for ``token`` unless ``limit`` are taken (idempotent per token)."""
+        args: list[EncodableT] = [1, self.key(campaign), limit, token]
+        (reply,) = run_scripts(self._client, _QUOTA_LUA, _QUOTA_SHA, [args])
+        return int(reply) == 1
+
+    def taken(self, campaign: str) -> int:
+        """How many places of ``campaign`` are taken."""
+        return int(self._client.scard(self.key(campaign)))
+
+    def restore(self, campaign: str, tokens: Sequence[str]) -> None:
+        """Put back tokens taken before a restart (normally still in Redis: a no-op)."""
+        if tokens:
+            self._client.sadd(self.key(campaign), *tokens)

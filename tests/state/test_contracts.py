@@ -6,6 +6,7 @@ Cluster (where one batch spans customers of several slots and nodes).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,16 @@ import redis
 from redis.cluster import RedisCluster
 
 from flows.model import Profile, Push, PushGuard
-from state.guards import FOREVER_MS, GuardRequest, GuardStore, InMemoryGuardStore
+from state.guards import (
+    FOREVER_MS,
+    GuardRequest,
+    GuardStore,
+    InMemoryGuardStore,
+    InMemoryQuotaStore,
+    QuotaStore,
+)
 from state.profiles import InMemoryProfileStore, ProfileStore
-from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore
+from state.redis_store import RedisClient, RedisGuardStore, RedisProfileStore, RedisQuotaStore
 
 T0 = 1_700_000_000_000
 MIN = 60_000
@@ -335,3 +343,73 @@ def test_two_stores_share_cap_once_and_push_ids(
 def test_negative_guard_values_are_rejected(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="negative"):
         GuardRequest("p1", "C1", T0, once_key="k", **bad)
+
+
+# --- QuotaStore (campaign-wide quota) -------------------------------------------------
+
+
+@pytest.fixture
+def quota_pair(clients: Clients | None) -> tuple[QuotaStore, QuotaStore]:
+    """Two quota stores over the same state: two workers or processes."""
+    if clients is None:
+        shared = InMemoryQuotaStore()
+        return shared, shared
+    return RedisQuotaStore(clients.new()), RedisQuotaStore(clients.new())
+
+
+def test_quota_store_protocol(quota_pair: tuple[QuotaStore, QuotaStore]) -> None:
+    assert isinstance(quota_pair[0], QuotaStore)
+
+
+def test_quota_admits_exactly_limit_and_is_idempotent_per_token(
+    quota_pair: tuple[QuotaStore, QuotaStore],
+) -> None:
+    a, b = quota_pair
+    assert [a.take("concert", 3, f"p{i}") for i in range(2)] == [True, True]
+    assert b.take("concert", 3, "q0") is True
+    assert b.take("concert", 3, "q1") is False  # full: the fourth is refused
+    assert a.take("concert", 3, "p0") is True  # a replay of a winner keeps its place
+    assert b.take("concert", 3, "q1") is False
+    assert a.taken("concert") == b.taken("concert") == 3
+    # campaigns are independent; a limit of 0 admits nobody
+    assert a.take("other", 1, "p0") is True
+    assert a.take("none", 0, "p0") is False and a.taken("none") == 0
+
+
+def test_quota_never_exceeded_under_concurrent_takers(
+    quota_pair: tuple[QuotaStore, QuotaStore],
+) -> None:
+    """Eight threads over two stores (two workers) race for 25 places, 400 tokens."""
+    a, b = quota_pair
+    won: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def run(k: int) -> None:
+        store = a if k % 2 else b
+        start.wait()
+        for i in range(50):
+            token = f"t{k}-{i}"
+            if store.take("race", 25, token):
+                with lock:
+                    won.append(token)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 25 == len(set(won))
+    assert a.taken("race") == 25
+
+
+def test_quota_restore_puts_back_tokens_beyond_the_limit(
+    quota_pair: tuple[QuotaStore, QuotaStore],
+) -> None:
+    a, b = quota_pair
+    a.restore("c", ["p1", "p2"])
+    b.restore("c", ["p2", "p3"])
+    assert a.taken("c") == 3
+    assert b.take("c", 3, "p1") is True and b.take("c", 3, "p4") is False
+    a.restore("c", [])
+    assert a.taken("c") == 3
