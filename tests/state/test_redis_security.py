@@ -42,6 +42,7 @@ from redis.retry import Retry
 
 from bench.services import free_port
 from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput, write_rules
+from connectors.rules_sources import RedisRules
 from connectors.redis_push import RedisPushConfig, RedisPushOutput, read_channel
 from flows.codec import json_loads
 from flows.model import Alert, Profile, Push, PushGuard
@@ -53,6 +54,7 @@ from state.redis_store import (
     RedisClient,
     RedisGuardStore,
     RedisProfileStore,
+    RedisQuotaStore,
     client_options,
     make_client,
     redis_options,
@@ -63,9 +65,11 @@ from tests.gateway.conftest import settings_for as gateway_settings
 pytestmark = pytest.mark.integration
 
 ENGINE_ACL = (
-    "resetkeys %R~profile:* ~guard:* ~push:* ~ops:* resetchannels &push:* &ops:* "
+    "resetkeys %R~profile:* ~guard:* ~push:* ~ops:* ~quota:* %R~touchstream:rules "
+    "resetchannels &push:* &ops:* &touchstream:rules "
     "-@all +ping +hgetall +get +set +del +exists +pttl +evalsha "
-    "+script|load +xadd +xread +expire +publish"
+    "+script|load +xadd +xread +expire +publish +sadd +sismember +scard "
+    "+subscribe +unsubscribe"
 )
 """The engine's ACL rules (without ``on`` and the password), as the README gives them."""
 
@@ -401,6 +405,17 @@ def run_engine_paths(settings: RedisSettings, loader: RedisSettings,
     for i, c in enumerate(cids):
         [(_, doc)] = read_channel(client, f"terminal:T{i}")
         assert doc["push_id"] == f"sec-{i}" and doc["customer_id"] == c
+    # campaign quotas (one Lua script; SADD puts places back after a restart)
+    quota = RedisQuotaStore(client)
+    assert quota.take("camp", 1, "p1") and not quota.take("camp", 1, "p2")
+    quota.restore("camp", ["p1"])
+    # rule changes published on the Redis key and channel (read as the engine)
+    rules_source = RedisRules(functools.partial(make_client, settings))
+    rules_source.start(None)
+    try:
+        assert rules_source.poll() == []  # subscribed; the key is empty
+    finally:
+        rules_source.close()
     # the ops feed and the rule set
     write_rules(client, load_default_rules())
     feed = OpsFeedOutput(OpsFeedConfig.from_settings(settings), client_factory=worker_client)
@@ -435,7 +450,7 @@ def test_engine_paths_run_as_the_restricted_user(
         assert acl_denials(admin) == []  # nothing the engine does was refused
         # what it wrote is there, under its own prefixes only
         keys = sorted(k.decode() for k in admin.scan_iter(count=1000))
-        assert {k.split(":")[0] for k in keys} == {"profile", "guard", "push", "ops"}
+        assert {k.split(":")[0] for k in keys} == {"profile", "guard", "push", "ops", "quota"}
         assert json_loads(admin.get("ops:rules") or b"{}")["rules"]
         assert admin.xlen("ops:alerts") == 1 and admin.xlen("ops:pushes") == 1
     finally:
