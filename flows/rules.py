@@ -358,13 +358,7 @@ class FileModel(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v):
-            raise ValueError(f"not a time zone name: {v!r} (use e.g. 'Asia/Shanghai')")
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError, OSError):
-            raise ValueError(f"unknown time zone {v!r} (use e.g. 'Asia/Shanghai')") from None
-        return v
+        return _zone(v)
 
 
 @dataclass(frozen=True, slots=True)
