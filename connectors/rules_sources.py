@@ -52,7 +52,6 @@ from bytewax.inputs import (
 )
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
-from prometheus_client import Counter, Gauge
 from redis import RedisError
 
 from flows.codec import json_dumps
@@ -66,6 +65,7 @@ from flows.control import (
     parse_change,
     rejected,
 )
+from flows.metrics import RULES_ACTIVE_VERSION, RULES_CHANGES
 from flows.rules import MAX_RULES_FILE_BYTES, RulesError
 
 __all__ = [
@@ -73,8 +73,6 @@ __all__ = [
     "DEFAULT_REDIS_CHANNEL",
     "DEFAULT_REDIS_KEY",
     "DEFAULT_STATUS_TOPIC",
-    "RULES_ACTIVE_VERSION",
-    "RULES_CHANGES",
     "ControlSource",
     "FileRules",
     "Incoming",
@@ -97,16 +95,6 @@ DEFAULT_CONTROL_TOPIC = "ops.rules"
 DEFAULT_STATUS_TOPIC = "ops.rules.status"
 DEFAULT_REDIS_KEY = "touchstream:rules"
 DEFAULT_REDIS_CHANNEL = "touchstream:rules"
-
-# To move to flows/metrics.py (the lead's file) with the other metric objects.
-RULES_CHANGES = Counter(
-    "touchstream_rules_changes",
-    "Rule changes decided by the control source, by outcome (accepted, rejected)",
-    ["outcome"],
-)
-RULES_ACTIVE_VERSION = Gauge(
-    "touchstream_rules_active_version", "Version of the rule set the control source accepted last",
-)
 
 
 @dataclass(frozen=True, slots=True)

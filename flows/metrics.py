@@ -49,6 +49,8 @@ __all__ = [
     "REDIS_HELD_PUSHES",
     "REDIS_RTT",
     "REDIS_UNAVAILABLE",
+    "RULES_ACTIVE_VERSION",
+    "RULES_CHANGES",
     "WEBHOOK_FAILURES",
     "WEBHOOK_OUTBOX_PENDING",
     "WEBHOOK_RETRIES",
@@ -135,6 +137,14 @@ WEBHOOK_FAILURES = Counter(
     "reason (rejected, retries_exhausted, retry_budget_exhausted, encode_error, error, "
     "target_removed; queue_full and shutdown only without an outbox)",
     ["target", "reason"],
+)
+RULES_CHANGES = Counter(
+    "touchstream_rules_changes",
+    "Rule changes decided by the control source, by outcome (accepted, rejected)",
+    ["outcome"],
+)
+RULES_ACTIVE_VERSION = Gauge(
+    "touchstream_rules_active_version", "Version of the rule set the control source accepted last",
 )
 WEBHOOK_OUTBOX_PENDING = Gauge(
     "touchstream_webhook_outbox_pending",

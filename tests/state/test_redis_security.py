@@ -42,8 +42,8 @@ from redis.retry import Retry
 
 from bench.services import free_port
 from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput, write_rules
-from connectors.rules_sources import RedisRules
 from connectors.redis_push import RedisPushConfig, RedisPushOutput, read_channel
+from connectors.rules_sources import RedisRules
 from flows.codec import json_loads
 from flows.model import Alert, Profile, Push, PushGuard
 from flows.rules import load_default_rules
