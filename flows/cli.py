@@ -14,10 +14,6 @@ from pydantic import ValidationError
 from connectors.console import ConsoleView
 from connectors.kafka import create_topics
 from connectors.rules_sources import (
-    DEFAULT_CONTROL_TOPIC,
-    DEFAULT_REDIS_CHANNEL,
-    DEFAULT_REDIS_KEY,
-    DEFAULT_STATUS_TOPIC,
     publish_kafka,
     publish_redis,
     read_kafka_rules,
@@ -261,23 +257,23 @@ def cmd_rules_publish(args: argparse.Namespace) -> int:
     settings = _merge(_settings(args), _wire_overrides(args))
     ch = _rules_change(args)
     if settings.kafka.brokers and args.kafka:
-        publish_kafka(settings.kafka.brokers, ch, DEFAULT_CONTROL_TOPIC,
+        publish_kafka(settings.kafka.brokers, ch, settings.kafka.rules_topic,
                       dict(settings.kafka.config))
-        where = f"Kafka {DEFAULT_CONTROL_TOPIC}"
+        where = f"Kafka {settings.kafka.rules_topic}"
     else:
         if ch.op != "replace":
             raise FlagError("the Redis key holds whole rule sets: --rule and --delete need "
                             "--kafka")
         client = make_client(settings.redis)
         try:
-            publish_redis(client, ch, DEFAULT_REDIS_KEY, DEFAULT_REDIS_CHANNEL)
+            publish_redis(client, ch, settings.redis.rules_key, settings.redis.rules_channel)
         finally:
             client.close()
-        where = f"Redis {DEFAULT_REDIS_KEY}"
+        where = f"Redis {settings.redis.rules_key}"
     what = {"replace": "rule set", "upsert": f"rule {ch.rule and ch.rule['id']!r}",
             "delete": f"deletion of rule {ch.rule_id!r}"}[ch.op]
     print(f"touchstream: {what} version {ch.version} published to {where}; the engine's "
-          f"decision goes to {DEFAULT_STATUS_TOPIC} and its log")
+          f"decision goes to {settings.kafka.rules_status_topic} and its log")
     return 0
 
 
@@ -289,7 +285,7 @@ def cmd_rules_show(args: argparse.Namespace) -> int:
     if args.redis:
         client = make_client(settings.redis)
         try:
-            raw = client.get(DEFAULT_REDIS_KEY)
+            raw = client.get(settings.redis.rules_key)
             running = client.get("ops:rules")  # what the engine accepted (the /ops console)
         finally:
             client.close()
@@ -297,17 +293,18 @@ def cmd_rules_show(args: argparse.Namespace) -> int:
             eng = json_loads(running)
             print(f"engine: version {eng.get('version')} in force (ops:rules)")
         if raw is None:
-            print(f"touchstream: Redis {DEFAULT_REDIS_KEY} holds no rule set", file=sys.stderr)
+            print(f"touchstream: Redis {settings.redis.rules_key} holds no rule set",
+                  file=sys.stderr)
             return 1
-        ch = parse_change(raw, f"redis:{DEFAULT_REDIS_KEY}")
+        ch = parse_change(raw, f"redis:{settings.redis.rules_key}")
         if ch.ruleset is None:
-            raise RulesError([f"redis:{DEFAULT_REDIS_KEY}: does not hold a whole rule set"])
+            raise RulesError([f"redis:{settings.redis.rules_key}: does not hold a whole rule set"])
         active = ActiveRules.of(ruleset_doc(ch.ruleset, ch.origin), ch.origin)
-        where = f"Redis {DEFAULT_REDIS_KEY}"
+        where = f"Redis {settings.redis.rules_key}"
     elif args.kafka and settings.kafka.brokers:
         active, statuses = read_kafka_rules(settings.kafka.brokers, active,
-                                            DEFAULT_CONTROL_TOPIC, dict(settings.kafka.config))
-        where = f"Kafka {DEFAULT_CONTROL_TOPIC} ({len(statuses)} change(s) read)"
+                                            settings.kafka.rules_topic, dict(settings.kafka.config))
+        where = f"Kafka {settings.kafka.rules_topic} ({len(statuses)} change(s) read)"
     if args.json:
         print(dumps_doc(active.doc))
         return 0

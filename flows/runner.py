@@ -36,10 +36,6 @@ from connectors.mapped import MappedSink
 from connectors.ops_feed import OpsFeedConfig, OpsFeedOutput, write_rules
 from connectors.redis_push import RedisPushConfig, RedisPushOutput
 from connectors.rules_sources import (
-    DEFAULT_CONTROL_TOPIC,
-    DEFAULT_REDIS_CHANNEL,
-    DEFAULT_REDIS_KEY,
-    DEFAULT_STATUS_TOPIC,
     ControlSource,
     FileRules,
     InputEnd,
@@ -112,9 +108,9 @@ def control_source(settings: Settings, latch: InputEnd,
         # short timeouts: an outage is retried by the next read, never waited out
         factory = client_factory or functools.partial(
             make_client, settings.redis, socket_connect_timeout=1.0, socket_timeout=2.0)
-        backends.append(RedisRules(factory, DEFAULT_REDIS_KEY, DEFAULT_REDIS_CHANNEL))
+        backends.append(RedisRules(factory, settings.redis.rules_key, settings.redis.rules_channel))
     if settings.kafka.brokers:
-        backends.append(KafkaRules(settings.kafka.brokers, DEFAULT_CONTROL_TOPIC,
+        backends.append(KafkaRules(settings.kafka.brokers, settings.kafka.rules_topic,
                                    dict(settings.kafka.config)))
     if not backends:
         return None
@@ -346,8 +342,8 @@ def all_topics(settings: Settings) -> dict[str, int]:
              k.alerts_dlq_topic, k.dead_letters_topic, k.stats_topic]
     topics = {n: k.partitions.get(n, k.default_partitions) for n in names}
     # rule changes are ordered within one partition only
-    topics[DEFAULT_CONTROL_TOPIC] = 1
-    topics[DEFAULT_STATUS_TOPIC] = 1
+    topics[settings.kafka.rules_topic] = 1
+    topics[settings.kafka.rules_status_topic] = 1
     return topics
 
 
@@ -435,7 +431,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))
         outputs.dead_letters.append(MappedSink(out, dead_letter_message(k.dead_letters_topic)))
         outputs.stats.append(MappedSink(out, stats_message(k.stats_topic)))
-        outputs.rules_status.append(MappedSink(out, rules_status_message(DEFAULT_STATUS_TOPIC)))
+        outputs.rules_status.append(MappedSink(out, rules_status_message(k.rules_status_topic)))
     else:
         demo_store = profiles
 

@@ -128,6 +128,10 @@ class KafkaSettings(BaseModel):
     alerts_dlq_topic: str = "ops.alerts.dlq"
     dead_letters_topic: str = "exp.dead_letters"
     stats_topic: str = "exp.stats"
+    rules_topic: str = Field("ops.rules", description="rule changes (one partition)")
+    rules_status_topic: str = Field(
+        "ops.rules.status", description="every rule-change decision (one partition)"
+    )
     formats: dict[str, Literal["json", "msgpack"]] = Field(
         default_factory=dict, description="input topic -> wire format (default json)"
     )
@@ -165,6 +169,10 @@ class RedisSettings(BaseModel):
     profile_cache_ttl_s: float = 5.0
     stream_maxlen: int = 1000
     stream_ttl_s: int = 7 * 24 * 3600
+    rules_key: str = Field("touchstream:rules", description="a published rule set or change")
+    rules_channel: str = Field(
+        "touchstream:rules", description="pub/sub channel that says rules_key changed"
+    )
     username: str | None = Field(None, description="ACL user (AUTH username password)")
     password: SecretStr | None = Field(
         None, description="AUTH password (env or TOML; prefer password_file, never a flag)"
