@@ -15,7 +15,7 @@ from flows.model import Alert, DeadLetter, Envelope, stable_id
 from flows.rules import RuleSet
 
 __all__ = ["WINDOW_SIZES_MS", "DwellHistogram", "FrictionEngine", "Sequencer", "StatsEngine",
-           "TumblingWindows", "dwell_bucket"]
+           "TumblingWindows", "dwell_bucket", "rule_campaigns"]
 
 
 def _visit_order(v: VisitDone) -> tuple[int, str, int]:
@@ -316,11 +316,21 @@ def _group(counts: Mapping[tuple[str, ...], int], doc: dict[str, Any]) -> None:
 
 
 def _rates(doc: dict[str, Any], sections: tuple[str, ...]) -> None:
+    """Conversion rates; where a control group held customers out (``holdouts``), also
+    ``control_conversions``, ``control_conversion_rate`` and ``uplift`` (the pushed
+    customers' order rate minus the held-out customers'; null without pushes)."""
     for section in sections:
         for d in doc[section].values():
             pushes = d.get("pushes", 0)
+            rate = None
             if pushes:
-                d["conversion_rate"] = round(d.get("conversions", 0) / pushes, 4)
+                rate = d["conversion_rate"] = round(d.get("conversions", 0) / pushes, 4)
+            holdouts = d.get("holdouts", 0)
+            if holdouts:
+                control = d.setdefault("control_conversions", 0)
+                d["control_conversion_rate"] = round(control / holdouts, 4)
+                d["uplift"] = None if rate is None else round(
+                    d.get("conversions", 0) / pushes - control / holdouts, 4)
 
 
 class _Window:
@@ -425,19 +435,36 @@ class TumblingWindows:
             d["step_visits"] = h.n
             d["median_step_s"] = h.median_s()
         if self.campaigns:
-            camps: dict[str, dict[str, Any]] = {}
-            for rid, counters in doc["rules"].items():
-                c = camps.setdefault(self.campaigns.get(rid, rid), {})
-                for name, n in counters.items():
-                    if name == "blocked":
-                        b = c.setdefault("blocked", {})
-                        for g, m in n.items():
-                            b[g] = b.get(g, 0) + m
-                    else:
-                        c[name] = c.get(name, 0) + n
-            doc["campaigns"] = camps
+            doc["campaigns"] = _campaigns(doc["rules"], self.campaigns)
         _rates(doc, ("halls", "modules", "rules") + (("campaigns",) if self.campaigns else ()))
         return doc
+
+    def due(self, now_ms: int) -> bool:
+        """Whether a window has ended by ``now_ms`` (:meth:`close` would return it)."""
+        return any(start + size <= now_ms
+                   for size, wins in self.open.items() for start in wins)
+
+
+def rule_campaigns(rules: RuleSet) -> dict[str, str]:
+    """Rule id -> campaign name, for the rules that have campaign fields (for
+    :class:`StatsEngine`'s ``campaigns``)."""
+    return {r.id: r.campaign.campaign for r in rules.rules if r.campaign is not None}
+
+
+def _campaigns(rules: Mapping[str, Mapping[str, Any]],
+               campaigns: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The rules' counters summed per campaign (a rule without one is its own)."""
+    camps: dict[str, dict[str, Any]] = {}
+    for rid, counters in rules.items():
+        c = camps.setdefault(campaigns.get(rid, rid), {})
+        for name, n in counters.items():
+            if name == "blocked":
+                b = c.setdefault("blocked", {})
+                for g, m in n.items():
+                    b[g] = b.get(g, 0) + m
+            else:
+                c[name] = c.get(name, 0) + n
+    return camps
 
 
 class StatsEngine:
@@ -451,6 +478,12 @@ class StatsEngine:
     time, so windows are by arrival time: a count lands up to about two
     ``stats_interval_s`` after the events behind it. A replay's single document has no
     ``windows``.
+
+    ``campaigns`` maps rule ids to campaign names: with it, the documents (cumulative
+    and windows) also sum the rules' counters per campaign (``campaigns``).
+    :meth:`set_campaigns` adds the rules of a new rule set; the mapping is snapshotted.
+    Where a rule's control group held customers out, its entry (and its campaign's,
+    hall's and module's) has ``holdouts``, ``control_conversions`` and ``uplift``.
     """
 
     def __init__(self, conversion_window_ms: int, state: dict[str, Any] | None = None, *,
@@ -460,18 +493,31 @@ class StatsEngine:
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.dirty = False
         self.pending: Counter[tuple[str, ...]] = Counter()
+        camps = dict(campaigns or {})
         wstate = None
         if state is not None:
             self.counts = Counter({tuple(k): v for k, v in state["counts"]})
             self.pending = Counter({tuple(k): v for k, v in state.get("pending", ())})
             wstate = state.get("windows")
-        self.windows = TumblingWindows(window_sizes_ms, campaigns, wstate)
+            camps.update({str(k): str(v) for k, v in state.get("campaigns", ())})
+        self.windows = TumblingWindows(window_sizes_ms, camps, wstate)
+
+    @property
+    def campaigns(self) -> Mapping[str, str]:
+        """Rule id -> campaign name."""
+        return self.windows.campaigns
+
+    def set_campaigns(self, campaigns: Mapping[str, str]) -> None:
+        """Add (or move) rules' campaigns, e.g. from a rule set applied while running;
+        rules no longer in force keep theirs, for the counts they already have."""
+        self.windows.campaigns.update(campaigns)
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data for recovery."""
         return {"counts": [[list(k), v] for k, v in self.counts.items()],
                 "pending": [[list(k), v] for k, v in self.pending.items()],
-                "windows": self.windows.snapshot()}
+                "windows": self.windows.snapshot(),
+                "campaigns": sorted(self.windows.campaigns.items())}
 
     def add(self, delta: StatDelta, at_ms: int | None = None) -> None:
         """Add a delta (``at_ms``: when it arrived; else stamped at the next render)."""
@@ -492,8 +538,14 @@ class StatsEngine:
         self.pending["dead_letters", reason] += 1
         self.dirty = True
 
+    def due(self, now_ms: int) -> bool:
+        """Whether a render at ``now_ms`` would close a window (or has counts to stamp
+        into one): live, a window still closes while no delta arrives."""
+        return bool(self.pending) or self.windows.due(now_ms)
+
     def render(self, as_of_ms: int | None = None) -> dict[str, Any]:
-        """The stats document: per hall, module, rule; events, alerts, dead letters;
+        """The stats document: per hall, module, rule (and campaign); events, alerts,
+        dead letters;
         with ``as_of_ms``, also ``windows``: the windows that ended by then."""
         doc: dict[str, Any] = {
             "halls": {}, "modules": {}, "steps": {}, "rules": {}, "events": {}, "alerts": {},
@@ -503,7 +555,11 @@ class StatsEngine:
         if as_of_ms is not None:
             doc["as_of_ms"] = as_of_ms
         _group(self.counts, doc)
-        _rates(doc, ("halls", "modules", "rules"))
+        sections: tuple[str, ...] = ("halls", "modules", "rules")
+        if self.campaigns:
+            doc["campaigns"] = _campaigns(doc["rules"], self.campaigns)
+            sections += ("campaigns",)
+        _rates(doc, sections)
         doc["dead_letters_total"] = sum(doc["dead_letters"].values())
         if as_of_ms is not None:
             if self.pending:

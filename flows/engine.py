@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 FOREVER: Final = 2**62
 MAX_PLACE_EVENTS: Final = 256
+MAX_HELD: Final = 64
+"""Most pushes, and most control-group hold-outs, a customer keeps for conversions
+(within the conversion window; the oldest go first)."""
 
 
 def shard_of(customer_id: str, shards: int) -> int:
@@ -195,7 +198,8 @@ class Customer:
     times, ``calls`` is one array of ``ts, total`` pairs sorted by ts.
     """
 
-    __slots__ = ("calls", "last_ts", "once", "places", "push_times", "recent", "session", "step")
+    __slots__ = ("calls", "held", "last_ts", "once", "places", "push_times", "recent", "session",
+                 "step")
 
     def __init__(self) -> None:
         self.last_ts = 0
@@ -206,6 +210,8 @@ class Customer:
         self.push_times: list[int] | None = None
         self.once: dict[str, int] | None = None
         self.recent: list[tuple[int, str, str, str]] | None = None  # ts, module, rule, hall
+        # control-group hold-outs that may still convert (live uplift): as ``recent``
+        self.held: list[tuple[int, str, str, str]] | None = None
 
     def to_state(self) -> list[Any]:
         """Plain data for a snapshot (MessagePack-able)."""
@@ -222,6 +228,7 @@ class Customer:
             self.push_times or [],
             self.once or {},
             [list(x) for x in self.recent] if self.recent else [],
+            [list(x) for x in self.held] if self.held else [],
         ]
 
     @classmethod
@@ -244,6 +251,8 @@ class Customer:
         c.push_times = list(d[5]) or None
         c.once = dict(d[6]) or None
         c.recent = [(a, b, r, h) for a, b, r, h in d[7]] or None
+        # d[8] (hold-outs) is absent from snapshots written before live uplift
+        c.held = [(a, b, r, h) for a, b, r, h in d[8]] or None if len(d) > 8 else None
         return c
 
 
@@ -875,8 +884,11 @@ class ShardEngine:
                     and unit_draw("control", camp.campaign, cid) < camp.control_group):
                 self._mark_once(c, s, rule, scope, once_key, module, ts)
                 counts["rule", rule.id, "holdouts"] += 1
+                counts["hall", hall, "holdouts"] += 1
+                counts["module", module, "holdouts"] += 1
                 out.append(Holdout(push_id, rule.id, rule.version, camp.campaign, cid, ts,
                                    hall, module))
+                c.held = self._remember(c.held, ts, module, rule.id, hall)
                 return
             # 4. the lottery: one draw per trigger event (a loss uses up once_per)
             if (camp.probability is not None
@@ -939,13 +951,21 @@ class ShardEngine:
         counts["rule", rule.id, "pushes"] += 1
         counts["hall", hall, "pushes"] += 1
         counts["module", module, "pushes"] += 1
-        recent = c.recent
-        if recent is None:
-            recent = c.recent = []
-        elif recent and ts - recent[0][0] > self.config.conversion_window_ms:
-            c.recent = recent = [x for x in recent
-                                 if ts - x[0] <= self.config.conversion_window_ms]
-        recent.append((ts, module, rule.id, hall))
+        c.recent = self._remember(c.recent, ts, module, rule.id, hall)
+
+    def _remember(self, log: list[tuple[int, str, str, str]] | None, ts: int, module: str,
+                  rule_id: str, hall: str) -> list[tuple[int, str, str, str]]:
+        """Append a push or hold-out that may convert; drop those past the window (and
+        beyond :data:`MAX_HELD`, the oldest)."""
+        window = self.config.conversion_window_ms
+        if log is None:
+            log = []
+        elif log and ts - log[0][0] > window:
+            log = [x for x in log if ts - x[0] <= window]
+        log.append((ts, module, rule_id, hall))
+        if len(log) > MAX_HELD:
+            del log[: len(log) - MAX_HELD]
+        return log
 
     @staticmethod
     def _mark_once(c: Customer, s: _Session | None, rule: Rule, scope: str,
@@ -960,17 +980,26 @@ class ShardEngine:
             s.done.add(rule.id if scope == "session" else f"{rule.id}:{module}")
 
     def _convert(self, c: Customer, module: str, ts: int) -> None:
+        """An order of ``module``: the earliest push of it within the conversion window
+        converts (``conversions``), and so does the earliest control-group hold-out
+        (``control_conversions``, the order rate without a push, for uplift)."""
+        if c.recent:
+            c.recent = self._match(c.recent, module, ts, "conversions")
+        if c.held:
+            c.held = self._match(c.held, module, ts, "control_conversions") or None
+
+    def _match(self, log: list[tuple[int, str, str, str]], module: str, ts: int,
+               counter: str) -> list[tuple[int, str, str, str]]:
         window = self.config.conversion_window_ms
-        if not c.recent:
-            return
-        recent = c.recent = [x for x in c.recent if ts - x[0] <= window or x[0] > ts]
-        for i, (pts, pmod, rule_id, hall) in enumerate(recent):
+        log = [x for x in log if ts - x[0] <= window or x[0] > ts]
+        for i, (pts, pmod, rule_id, hall) in enumerate(log):
             if pmod == module and 0 <= ts - pts <= window:
-                del recent[i]
-                self.counts["rule", rule_id, "conversions"] += 1
-                self.counts["hall", hall, "conversions"] += 1
-                self.counts["module", module, "conversions"] += 1
-                return
+                del log[i]
+                self.counts["rule", rule_id, counter] += 1
+                self.counts["hall", hall, counter] += 1
+                self.counts["module", module, counter] += 1
+                break
+        return log
 
     # --- memory ----------------------------------------------------------------
 

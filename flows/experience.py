@@ -19,7 +19,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, Sink
 
 from flows import metrics
-from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, shard_key
+from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, rule_campaigns, shard_key
 from flows.codec import pack, unpack
 from flows.control import RulesStatus, RulesUpdate, compile_update
 from flows.engine import (
@@ -275,7 +275,12 @@ class _FrictionLogic(StatefulBatchLogic[Any, Any, bytes]):
 
 class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
     """Bytewax shim over :class:`StatsEngine` (one key): emits the document periodically
-    (live) or once at the end (replay)."""
+    (live) or once at the end (replay).
+
+    Live, deltas are stamped with their arrival time (for the tumbling windows), and
+    the document is emitted when counts arrived or a window ended (so the last window
+    closes while idle, once). A :class:`flows.control.RulesUpdate` adds its rules'
+    campaigns."""
 
     def __init__(self, engine: StatsEngine, live: bool, now_ms: Callable[[], int],
                  every_ms: int) -> None:
@@ -284,14 +289,22 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
         self.now_ms = now_ms
         self.every_ms = every_ms
         self.next_emit = now_ms() + every_ms
+        self.version = -1
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[dict[str, Any]], bool]:
         # Prometheus counters move here, per delta / per batch: never per event.
         reasons: dict[str, int] = {}
+        now = self.now_ms() if self.live else None
         for v in values:
             if type(v) is StatDelta:
-                self.engine.add(v)
+                self.engine.add(v, at_ms=now)
                 metrics.count_stat_delta(v.counts)
+            elif type(v) is RulesUpdate:
+                if v.version > self.version:
+                    rules = _compiled(v)
+                    if rules is not None:
+                        self.version = v.version
+                        self.engine.set_campaigns(rule_campaigns(rules))
             else:
                 self.engine.dead_letter(v)
                 reasons[v] = reasons.get(v, 0) + 1
@@ -302,7 +315,7 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
     def on_notify(self) -> tuple[Iterable[dict[str, Any]], bool]:
         now = self.now_ms()
         self.next_emit = now + self.every_ms
-        if not self.engine.dirty:
+        if not self.engine.dirty and not self.engine.due(now):
             return (), RETAIN
         self.engine.dirty = False
         return [self.engine.render(now)], RETAIN
@@ -585,10 +598,16 @@ def build_flow(
         op.filter_map("friction_stats", friction_out, _stat_or_none),
         op.map("dead_letter_reasons", dead, _dead_letter_reason),
     )
+    if updates is not None:
+        stat_deltas = op.merge("stats_and_rules", stat_deltas,
+                               op.map("rules_to_stats", updates, _to_stats))
+    # stat_deltas: ("stats", StatDelta | dead letter reason | RulesUpdate)
+    campaigns = rule_campaigns(rules)
     stats = op.stateful_batch(
         "stats", stat_deltas,
         lambda st: _StatsLogic(StatsEngine(config.conversion_window_ms,
-                                           unpack(st) if st else None), live, now_ms, stats_ms),
+                                           unpack(st) if st else None, campaigns=campaigns),
+                               live, now_ms, stats_ms),
     )
     stats_docs = op.map("stats_docs", stats, _unwrap)
     # stats_docs: the stats document (periodically live, once at the end of a replay)
@@ -620,6 +639,10 @@ def _is_applied(kv: tuple[str, Any]) -> bool:
 
 def _to_friction(u: RulesUpdate) -> tuple[str, RulesUpdate]:
     return ("friction", u)
+
+
+def _to_stats(u: RulesUpdate) -> tuple[str, RulesUpdate]:
+    return ("stats", u)
 
 
 def _route_to_shard(kv: tuple[str, Any]) -> tuple[str, Any] | None:

@@ -13,9 +13,12 @@ from flows.aggregates import (
     TumblingWindows,
     bucket_seconds,
     dwell_bucket,
+    rule_campaigns,
 )
 from flows.codec import pack, unpack
+from flows.control import RulesUpdate
 from flows.engine import StatDelta, VisitDone
+from flows.experience import _StatsLogic
 from flows.rules import load_default_rules
 
 T0 = 1_700_000_080_000  # 40 s into a minute
@@ -145,3 +148,66 @@ def test_a_replay_document_has_no_windows() -> None:
     eng = StatsEngine(30 * MIN)
     eng.add(delta(hall__H1__sessions=1))
     assert "windows" not in eng.render()
+
+
+# --- live: arrival stamps, idle closing, campaigns from rule changes, uplift --------------
+
+
+class Clock:
+    def __init__(self, t: int) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def test_live_stats_stamp_arrival_and_close_the_last_window_while_idle() -> None:
+    clock = Clock(T0)  # 40 s into a minute
+    logic = _StatsLogic(StatsEngine(30 * MIN), True, clock, 10_000)
+    logic.on_batch([delta(hall__H1__sessions=2)])
+    clock.t = T0 + 30_000  # the next minute: the delta arrived in the previous one
+    (doc,), _ = logic.on_notify()
+    (m,) = windows(doc, 60)
+    assert m["start_ms"] == T0 - T0 % MIN and m["halls"]["H1"] == {"sessions": 2}
+    logic.on_batch([delta(hall__H1__sessions=1)])
+    clock.t = T0 + 40_000
+    (doc,), _ = logic.on_notify()  # counts arrived: a document, no window ended yet
+    assert doc["windows"] == []
+    clock.t = T0 + 50_000
+    assert list(logic.on_notify()[0]) == []  # idle, nothing ended: nothing emitted
+    clock.t = T0 + 2 * MIN  # idle, and that minute has ended: it is emitted, once
+    (doc,), _ = logic.on_notify()
+    (m,) = windows(doc, 60)
+    assert m["halls"]["H1"] == {"sessions": 1}
+    clock.t = T0 + 2 * MIN + 10_000
+    assert list(logic.on_notify()[0]) == []
+    clock.t = T0 + 2 * H  # the hour ends with no new counts
+    (doc,), _ = logic.on_notify()
+    assert [w["halls"]["H1"]["sessions"] for w in windows(doc, 3600)] == [3]
+    assert list(logic.on_notify()[0]) == []
+
+
+def test_rule_changes_add_campaigns_to_the_stats_and_survive_a_snapshot() -> None:
+    doc = {"version": 1, "rules": [
+        {"id": "concert", "version": 2, "once_per": "session",
+         "trigger": {"kind": "event", "type": "click", "action": "module_enter",
+                     "module": "concert"},
+         "push": {"module": "concert_tickets", "kind": "lottery"},
+         "campaign": "xmas-2026", "control_group": 0.2}]}
+    assert rule_campaigns(load_default_rules()) == {}
+    clock = Clock(T0)
+    logic = _StatsLogic(StatsEngine(30 * MIN, campaigns={"r1": "spring"}), True, clock,
+                        10_000)
+    logic.on_batch([RulesUpdate(2, doc, "test-stats-campaigns-v2", "test"),
+                    delta(rule__concert__pushes=4, rule__concert__conversions=2,
+                          rule__concert__holdouts=2, rule__concert__control_conversions=0,
+                          rule__r1__pushes=1)])
+    eng = StatsEngine(30 * MIN, unpack(pack(logic.engine.snapshot())))
+    assert eng.campaigns == {"r1": "spring", "concert": "xmas-2026"}
+    out = eng.render(T0 + MIN)
+    (m,) = windows(out, 60)
+    for d in (out, m):
+        assert d["campaigns"]["xmas-2026"] == {
+            "pushes": 4, "conversions": 2, "conversion_rate": 0.5, "holdouts": 2,
+            "control_conversions": 0, "control_conversion_rate": 0.0, "uplift": 0.5}
+        assert d["campaigns"]["spring"] == {"pushes": 1, "conversion_rate": 0.0}
