@@ -383,8 +383,12 @@ class ShardRouter:
         crc32 = zlib.crc32
         clicks = self.clicks_source
         if clicks is not None and self.profiles is not None:
+            # a key that cannot be a customer id (empty, or longer than the longest id in
+            # UTF-8) costs no lookup: decoding will dead-letter its record
+            longest = 4 * self.limits.max_customer_id_len
             self.profiles.prefetch([r.key.decode("utf-8", "replace") for r in records
-                                    if r.key is not None and r.source.startswith(clicks)])
+                                    if r.key and len(r.key) <= longest
+                                    and r.source.startswith(clicks)])
         for rec in records:
             key = rec.key
             if key is None:

@@ -80,6 +80,19 @@ def test_router_prefetches_the_profiles_of_clicks_only_once_per_batch() -> None:
     assert spy.prefetched == [["a", "c"]]
 
 
+def test_router_does_not_look_up_keys_that_cannot_be_customer_ids() -> None:
+    spy = SpyProfiles()
+    router = ShardRouter(8, DEFAULT_LIMITS, spy, "touch.clicks/")
+    longest = 4 * DEFAULT_LIMITS.max_customer_id_len
+    router([
+        rec(session_start("a"), key=b"a", source="touch.clicks/0"),
+        rec(session_start("a"), key=b"x" * (longest + 1), source="touch.clicks/0"),
+        rec(session_start("a"), key=b"", source="touch.clicks/0"),
+        rec(session_start("b"), key=b"y" * longest, source="touch.clicks/1"),
+    ])
+    assert spy.prefetched == [["a", "y" * longest]]
+
+
 def test_intake_dead_letters_bad_mismatched_stale_and_future_records() -> None:
     intake = LiveIntake(DEFAULT_LIMITS, lateness_ms=300_000, horizon_ms=86_400_000,
                         skew_ms=3_600_000)
