@@ -37,23 +37,22 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from bytewax.inputs import (
-    DynamicSource,
     FixedPartitionedSource,
     Source,
     StatefulSourcePartition,
-    StatelessSourcePartition,
 )
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from redis import RedisError
 
+from connectors.wrapped import wrap_source
 from flows.codec import json_dumps
 from flows.control import (
     ActiveRules,
@@ -461,89 +460,30 @@ class InputEnd:
 
 
 X = TypeVar("X")
-S = TypeVar("S")
 
 
-class _EndPartition(StatefulSourcePartition[X, S]):
-    def __init__(self, inner: StatefulSourcePartition[X, S], latch: InputEnd) -> None:
-        self._inner = inner
-        self._latch = latch
-        self._ended = False
+class _EndHooks:
+    """Tells ``latch`` of every event partition built and of each one's end."""
 
-    def next_batch(self) -> Iterable[X]:
-        try:
-            return self._inner.next_batch()
-        except StopIteration:
-            if not self._ended:
-                self._ended = True
-                self._latch.on_end()
-            raise
-
-    def next_awake(self) -> datetime | None:
-        return self._inner.next_awake()
-
-    def snapshot(self) -> S:
-        return self._inner.snapshot()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _EndSource(FixedPartitionedSource[X, S]):
-    def __init__(self, inner: FixedPartitionedSource[X, S], latch: InputEnd) -> None:
-        self.inner = inner
+    def __init__(self, latch: InputEnd) -> None:
         self.latch = latch
 
-    def list_parts(self) -> list[str]:
-        return self.inner.list_parts()
-
-    def build_part(self, step_id: str, for_part: str,
-                   resume_state: S | None) -> _EndPartition[X, S]:
+    def built(self) -> None:
         self.latch.on_build()
-        return _EndPartition(self.inner.build_part(step_id, for_part, resume_state), self.latch)
 
+    def before_batch(self) -> None:
+        pass
 
-class _EndStatelessPartition(StatelessSourcePartition[X]):
-    def __init__(self, inner: StatelessSourcePartition[X], latch: InputEnd) -> None:
-        self._inner = inner
-        self._latch = latch
-        self._ended = False
+    def ended(self) -> None:
+        self.latch.on_end()
 
-    def next_batch(self) -> Iterable[X]:
-        try:
-            return self._inner.next_batch()
-        except StopIteration:
-            if not self._ended:
-                self._ended = True
-                self._latch.on_end()
-            raise
-
-    def next_awake(self) -> datetime | None:
-        return self._inner.next_awake()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _EndDynamicSource(DynamicSource[X]):
-    def __init__(self, inner: DynamicSource[X], latch: InputEnd) -> None:
-        self.inner = inner
-        self.latch = latch
-
-    def build(self, step_id: str, worker_index: int,
-              worker_count: int) -> _EndStatelessPartition[X]:
-        self.latch.on_build()
-        return _EndStatelessPartition(self.inner.build(step_id, worker_index, worker_count),
-                                      self.latch)
+    def awake(self, at: datetime | None) -> datetime | None:
+        return at
 
 
 def end_with_input(source: Source[X], latch: InputEnd) -> Source[X]:
     """``source`` (the event input) reporting its partitions' ends to ``latch``."""
-    if isinstance(source, FixedPartitionedSource):
-        return _EndSource(source, latch)
-    if isinstance(source, DynamicSource):
-        return _EndDynamicSource(source, latch)
-    raise TypeError(f"cannot follow the end of a {type(source).__name__}")
+    return wrap_source(source, _EndHooks(latch))
 
 
 # --- the control source ----------------------------------------------------------------

@@ -31,22 +31,17 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from bytewax.inputs import (
-    DynamicSource,
-    FixedPartitionedSource,
-    Source,
-    StatefulSourcePartition,
-    StatelessSourcePartition,
-)
+from bytewax.inputs import Source
 
-__all__ = ["StopRequest", "StoppableSource", "handle_stop_signals", "stoppable"]
+from connectors.wrapped import wrap_source
+
+__all__ = ["StopRequest", "handle_stop_signals", "stoppable"]
 
 log = logging.getLogger(__name__)
 
 X = TypeVar("X")
-S = TypeVar("S")
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 """The signals that ask for a clean stop."""
@@ -111,89 +106,33 @@ def handle_stop_signals(stop: StopRequest,
             signal.signal(s, h)
 
 
-class _StoppablePartition(StatefulSourcePartition[X, S], Generic[X, S]):
-    """A partition that ends (``StopIteration``) once the stop request is set."""
+class _StopHooks:
+    """Ends every partition (``StopIteration``) once the stop request is set."""
 
-    def __init__(self, inner: StatefulSourcePartition[X, S], stop: StopRequest) -> None:
-        self._inner = inner
-        self._stop = stop
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
 
-    def next_batch(self) -> Iterable[X]:
-        if self._stop.is_set():
+    def built(self) -> None:
+        pass
+
+    def before_batch(self) -> None:
+        if self.stop.is_set():
             raise StopIteration
-        return self._inner.next_batch()
 
-    def next_awake(self) -> datetime | None:
+    def ended(self) -> None:
+        pass
+
+    def awake(self, at: datetime | None) -> datetime | None:
         # A partition asleep until far ahead would notice the stop only then.
-        at = self._inner.next_awake()
-        if at is None or self._stop.is_set():
+        if at is None or self.stop.is_set():
             return None
         return min(at, datetime.now(UTC) + _CHECK_EVERY)
-
-    def snapshot(self) -> S:
-        # Also at a stop: the resume state of where it got to (the next offset).
-        return self._inner.snapshot()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class StoppableSource(FixedPartitionedSource[X, S], Generic[X, S]):
-    """Wrap a fixed-partitioned source so that a :class:`StopRequest` ends its input.
-
-    Same partitions, items and resume state as ``inner``; only the end differs.
-    """
-
-    def __init__(self, inner: FixedPartitionedSource[X, S], stop: StopRequest) -> None:
-        self.inner = inner
-        self.stop = stop
-
-    def list_parts(self) -> list[str]:
-        """The inner source's partitions."""
-        return self.inner.list_parts()
-
-    def build_part(self, step_id: str, for_part: str,
-                   resume_state: S | None) -> _StoppablePartition[X, S]:
-        """The inner partition, ended by the stop request."""
-        return _StoppablePartition(self.inner.build_part(step_id, for_part, resume_state),
-                                   self.stop)
-
-
-class _StoppableStatelessPartition(StatelessSourcePartition[X], Generic[X]):
-    def __init__(self, inner: StatelessSourcePartition[X], stop: StopRequest) -> None:
-        self._inner = inner
-        self._stop = stop
-
-    def next_batch(self) -> Iterable[X]:
-        if self._stop.is_set():
-            raise StopIteration
-        return self._inner.next_batch()
-
-    def next_awake(self) -> datetime | None:
-        at = self._inner.next_awake()
-        if at is None or self._stop.is_set():
-            return None
-        return min(at, datetime.now(UTC) + _CHECK_EVERY)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _StoppableDynamicSource(DynamicSource[X], Generic[X]):
-    def __init__(self, inner: DynamicSource[X], stop: StopRequest) -> None:
-        self.inner = inner
-        self.stop = stop
-
-    def build(self, step_id: str, worker_index: int,
-              worker_count: int) -> _StoppableStatelessPartition[X]:
-        return _StoppableStatelessPartition(
-            self.inner.build(step_id, worker_index, worker_count), self.stop)
 
 
 def stoppable(source: Source[X], stop: StopRequest) -> Source[X]:
-    """``source`` wrapped so that ``stop`` ends it (fixed-partitioned or dynamic)."""
-    if isinstance(source, FixedPartitionedSource):
-        return StoppableSource(source, stop)
-    if isinstance(source, DynamicSource):
-        return _StoppableDynamicSource(source, stop)
-    raise TypeError(f"cannot make a {type(source).__name__} stoppable")
+    """``source`` wrapped so that ``stop`` ends it (fixed-partitioned or dynamic).
+
+    Same partitions, items and resume state as ``source``; only the end differs (a
+    stopped partition still snapshots where it got to).
+    """
+    return wrap_source(source, _StopHooks(stop))
