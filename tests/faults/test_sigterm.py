@@ -48,7 +48,7 @@ from tests.faults.harness import (
 
 pytestmark = pytest.mark.integration
 
-DWELL_S = 5.0
+DWELL_S = 8.0  # the restarted 2-worker engine has ~8 s to be up before help is due
 SNAPSHOT_S = 1.0
 REF_DB, VICTIM_DB = 13, 14
 STOP_TIMEOUT_S = 20.0
