@@ -27,7 +27,7 @@ from bench.core import BenchContext, PartResult
 from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
-EXTRA_PARTS = ("gateway_idle",)  # run only when named: the push gateway's idle connections
+EXTRA_PARTS = ("gateway_idle", "broker_fetch")  # run only when named
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         for note in r.notes:
             print(f"note ({r.part}): {note}")
     if results:
-        md = args.results_dir / f"{args.date}-table.md"
+        # make bench's table is <date>-table.md; a run of named parts gets its own name,
+        # so that it never replaces the full table README shows
+        suffix = "" if not args.parts else "-" + "-".join(parts)
+        md = args.results_dir / f"{args.date}-table{suffix}.md"
         md.parent.mkdir(parents=True, exist_ok=True)
         cmd = "make bench" if not args.parts and not args.quick else \
             "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,34 @@
+"""The broker-fetch part in quick mode: both variants run and every window is counted.
+
+Nothing is asserted about speed: only that the producer's records were consumed (all
+of them, across the windows), that each variant had its own broker and that the
+figures and the plot are there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import broker_fetch
+from bench.core import BenchContext
+
+
+def test_broker_fetch_quick(tmp_path: Path) -> None:
+    ctx = BenchContext(brokers="", redis_url="", quick=True, runs=3,
+                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
+                       date="2000-01-01")
+    result = broker_fetch.run(ctx)
+
+    sent = int(broker_fetch.QUICK["rate"] * broker_fetch.QUICK["seconds"])
+    labels = ["3 topics x 3 partitions", "3 topics x 1 partition"]
+    for label in labels:
+        (windows,) = result.extra[label]
+        consumed = sum(w["records"] for w in windows)
+        assert consumed == sent, (label, consumed)  # the consumer drains after the last send
+        assert any(w["broker_cores"] > 0 for w in windows)  # the broker's CPU was read
+    assert {p.name for p in result.plots} == {"2000-01-01-broker_fetch-windows.png"}
+    assert all(p.stat().st_size > 0 for p in result.plots)
+    names = [f.name for f in result.figures]
+    assert any(n.startswith("send→consume p99, last window") for n in names)
+    assert (tmp_path / "work" / "run0" / "tansu-3p" / "tansu.log").exists()
+    assert (tmp_path / "work" / "run0" / "tansu-1p" / "tansu.log").exists()
