@@ -297,21 +297,52 @@ def _redis_pushes(redis_url: str) -> dict[str, list[str]]:
         client.close()
 
 
-def _topic_push_ids(brokers: str, topic: str, partitions: int) -> list[str]:
+def _topic_push_ids(brokers: str, topic: str, partitions: int, expected: int,
+                    timeout_s: float = 60.0) -> list[str]:
+    """Every setup-first push id on ``topic``: read until ``expected`` distinct ids are in
+    and the topic has then been quiet for 1.5 s (so a repeat would show), or the timeout.
+
+    Waiting for the expected count, not for a quiet spell alone, keeps a slow fetch from
+    an S3-backed broker from looking like a lost push. (Tansu's ListOffsets answers the
+    last batch's base offset + 1, so the watermark cannot say where the topic ends.)
+    """
     c = Consumer({"bootstrap.servers": brokers, "group.id": "brk-reader",
                   "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    ids: list[str] = []
-    idle_until = time.monotonic() + 3
-    while time.monotonic() < idle_until:
-        for m in c.consume(500, 0.2):
-            if m.error() is None:
-                doc = json.loads(m.value() or b"{}")
-                if doc.get("rule_id") == "setup-first":
-                    ids.append(doc["push_id"])
-                idle_until = time.monotonic() + 1.5
-    c.close()
-    return ids
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        ids: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        quiet_until = 0.0
+        while time.monotonic() < deadline:
+            got = c.consume(500, 0.2)
+            for m in got:
+                if m.error() is None:
+                    doc = json.loads(m.value() or b"{}")
+                    if doc.get("rule_id") == "setup-first":
+                        ids.append(doc["push_id"])
+            if got or len(set(ids)) < expected:
+                quiet_until = time.monotonic() + 1.5
+            elif time.monotonic() >= quiet_until:
+                break
+        return ids
+    finally:
+        c.close()
+
+
+def _engine_counts() -> str:
+    """What the in-process engine's metrics say, for a failed wait's message."""
+    wanted = {"touchstream_events", "touchstream_pushes", "touchstream_dead_letters",
+              "touchstream_kafka_client_errors", "touchstream_kafka_consumer_lag",
+              "touchstream_push_sink_pushes", "touchstream_redis_unavailable"}
+    parts = []
+    for metric in REGISTRY.collect():
+        if metric.name in wanted:
+            for s in metric.samples:
+                if s.name.endswith("_created"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                parts.append(f"{s.name}{{{labels}}}={s.value:g}")
+    return "; ".join(parts)
 
 
 def _client_errors(client: str) -> float:
@@ -347,7 +378,9 @@ def _run_outage(brokers: str, redis_url: str, tmp_path: Path,
         feeder.send(range(PER_PHASE))
         feeder.flush()
         assert _wait(lambda: len(_redis_pushes(redis_url)) >= PER_PHASE, 45), \
-            "pushes before the outage did not arrive"
+            (f"only {len(_redis_pushes(redis_url))} of {PER_PHASE} pushes before the outage "
+             f"arrived; engine alive {engine.alive()}, errors {engine.errors!r}; "
+             f"metrics (process-wide, so earlier tests count too): {_engine_counts()}")
 
         t_down = time.monotonic()
         outage()
@@ -361,13 +394,14 @@ def _run_outage(brokers: str, redis_url: str, tmp_path: Path,
         feeder.flush()
 
         assert _wait(lambda: len(_redis_pushes(redis_url)) >= total, RECOVERY_WAIT_S), \
-            f"only {len(_redis_pushes(redis_url))} of {total} customers got their push"
+            (f"only {len(_redis_pushes(redis_url))} of {total} customers got their push; "
+             f"metrics (process-wide): {_engine_counts()}")
         time.sleep(2.0)  # room for a late duplicate to show up
     finally:
         engine.finish()
     out.redis_pushes = _redis_pushes(redis_url)
     out.kafka_push_ids = _topic_push_ids(brokers, settings.kafka.pushes_topic,
-                                         topics[settings.kafka.pushes_topic])
+                                         topics[settings.kafka.pushes_topic], total)
     return out
 
 
