@@ -528,9 +528,10 @@ class ShardEngine:
         elif action == "step_enter":
             assert module is not None and ev.step is not None
             self._leave_step(c, ev.customer_id, ts, out)
-            c.step = _Step(module, ev.step, ts, env.key)
+            key = env.key  # a hash when the click has no event_id: taken once
+            c.step = _Step(module, ev.step, ts, key)
             for r in self._dwell_rules:
-                heapq.heappush(self.timers, (ts + r.trigger.dwell, ev.customer_id, env.key, r.id))
+                heapq.heappush(self.timers, (ts + r.trigger.dwell, ev.customer_id, key, r.id))
         elif action == "step_exit":
             cur = c.step
             if cur is not None and cur.module == module and cur.step == ev.step:
@@ -749,7 +750,7 @@ class ShardEngine:
         out: Out,
         profile: Profile | None = None,
     ) -> None:
-        reason["trigger_event"] = env.key
+        key = reason["trigger_event"] = env.key
         s = self._session_open(c, ts)
         cid = env.event.customer_id
         camp = rule.campaign
@@ -766,7 +767,7 @@ class ShardEngine:
             about = module or (rule.push.module if rule.push is not None else None) or ""
             if not self._when(rule, env.event, profile, s, about, ts):
                 return
-        self._push_raw(c, cid, rule, env.key, ts, module, extra, reason, out, profile, s)
+        self._push_raw(c, cid, rule, key, ts, module, extra, reason, out, profile, s)
 
     def _targeted(
         self,
@@ -1045,7 +1046,8 @@ def _env_to_state(env: Envelope) -> list[Any]:
 
 
 def _env_from_state(d: list[Any]) -> Envelope:
-    typ, fields, key, source, pos, raw, fresh = d
+    # the key (third) is kept in the state for older readers; it is derived again here
+    typ, fields, _key, source, pos, raw, fresh = d
     fields = {k: v for k, v in fields.items() if k != "type"}
     cls = {"click": ClickEvent, "location": LocationEvent, "calls": CallsEvent}[typ]
-    return Envelope(cls(**fields), key, source, pos, raw, fresh)
+    return Envelope(cls(**fields), source, pos, raw, fresh)

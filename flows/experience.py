@@ -677,5 +677,5 @@ def live_time_check(env: Envelope, now: int, lateness_ms: int, horizon_ms: int,
         return DeadLetter("late", f"event time is more than {horizon_ms // 1000} s old",
                           env.raw, env.source, env.pos)
     if ts < now - lateness_ms:
-        return Envelope(env.event, env.key, env.source, env.pos, env.raw, fresh=False)
+        return Envelope(env.event, env.source, env.pos, env.raw, fresh=False)
     return env
