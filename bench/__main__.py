@@ -27,7 +27,7 @@ from bench.core import BenchContext, PartResult
 from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
-EXTRA_PARTS = ("gateway_idle", "broker_fetch")  # run only when named
+EXTRA_PARTS = ("gateway_idle", "broker_fetch", "decode")  # run only when named
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
