@@ -85,7 +85,7 @@ def _slot_setters(cls: type, *names: str) -> tuple[Any, ...]:
     :class:`Envelope`) stay frozen dataclasses (equality, repr, no assignment after
     construction) but write their fields through these in their own ``__init__``:
     about 40 % cheaper than the generated one's ``object.__setattr__`` per field
-    (``python -m bench.construct``).
+    (``python -m bench decode``).
     """
     return tuple(cls.__dict__[n].__set__ for n in names)
 
