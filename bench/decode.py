@@ -15,9 +15,9 @@ part produces them) and times, per record, in the same process and run:
   when a push, an alert, a session or a step asks for it).
 
 It also runs the whole live flow in-process (``bytewax.testing.run_main``, in-memory
-profiles, every default rule) over the same records, next to a bare Bytewax keyed
-count (decode with orjson, key by customer, count) over them: the engine's events/s
-and its ratio to the runtime's, without a broker in the way.
+profiles, every default rule) over the same records, next to the throughput part's
+bare Bytewax keyed count on an in-memory source over them: the engine's events/s and
+its ratio to the runtime's, without a broker in the way.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from bench.contenders.bytewax_count import count_flow
 from bench.core import BenchContext, PartResult
 from bench.workload import Workload, profiles
 from flows.experience import Outputs, build_flow
@@ -94,16 +94,6 @@ def _flow_rate(flow: Dataflow, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _bare_count(recs: list[RawRecord]) -> Dataflow:
-    flow = Dataflow("bare_count")
-    s = op.input("in", flow, TestingSource(recs, batch_size=BATCH))
-    docs = op.map("decode", s, lambda r: orjson.loads(r.value))
-    keyed = op.key_on("key", docs, lambda d: d["customer_id"])
-    counts = op.stateful_map("count", keyed, lambda c, _d: ((c or 0) + 1, (c or 0) + 1))
-    op.output("out", op.filter("none", counts, lambda _kv: False), TestingSink([]))
-    return flow
-
-
 def _engine(recs: list[RawRecord], store: InMemoryProfileStore,
             pushes: list[Any]) -> Dataflow:
     settings = load_settings(mode="live")
@@ -157,7 +147,8 @@ def run(ctx: BenchContext) -> PartResult:
             .values.append(own)
         result.figure("event init: engine's/generated", "ratio", higher_is_better=False) \
             .values.append(own / gen)
-        bare = _flow_rate(_bare_count(flow_recs), len(flow_recs))
+        bare = _flow_rate(count_flow(TestingSource(flow_recs, batch_size=BATCH)),
+                          len(flow_recs))
         pushes: list[Any] = []
         eng = _flow_rate(_engine(flow_recs, store, pushes), len(flow_recs))
         result.figure("in-process bytewax count events/s", "events/s").values.append(bare)

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import cluster_main, run_main
 
@@ -64,19 +65,23 @@ def _count(state: int | None, _doc: dict[str, Any]) -> tuple[int, int]:
     return n, n
 
 
-def build_flow(brokers: str, topics: Sequence[str], timing_dir: Path) -> Dataflow:
-    """The keyed-count flow over ``topics``, timed into ``timing_dir``."""
-    src = TimedSource(
-        KafkaInput(brokers, dict.fromkeys(topics, "json"), eof_when_idle_s=EOF_WHEN_IDLE_S),
-        timing_dir,
-    )
+def count_flow(source: Source[RawRecord]) -> Dataflow:
+    """The keyed count over any source of raw records (``bench.decode`` uses it too)."""
     flow = Dataflow("bench_bytewax_count")
-    raw = op.input("in", flow, src)
+    raw = op.input("in", flow, source)
     docs = op.map("decode", raw, _decode)
     keyed = op.key_on("key", docs, _customer)
     counts = op.stateful_map("count", keyed, _count)
     op.output("out", counts, DiscardSink())
     return flow
+
+
+def build_flow(brokers: str, topics: Sequence[str], timing_dir: Path) -> Dataflow:
+    """The keyed-count flow over ``topics``, timed into ``timing_dir``."""
+    return count_flow(TimedSource(
+        KafkaInput(brokers, dict.fromkeys(topics, "json"), eof_when_idle_s=EOF_WHEN_IDLE_S),
+        timing_dir,
+    ))
 
 
 def _own_args(p: argparse.ArgumentParser) -> None:
