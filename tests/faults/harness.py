@@ -193,6 +193,19 @@ class Engine:
         self.send(sig)
         return self.wait(timeout_s)
 
+    def wait_logged(self, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until the current start's log holds ``text`` (the process got that far)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.log_path is not None and self.log_path.exists() and \
+                    text in self.log_path.read_text(errors="replace"):
+                return
+            assert self.running, f"{self.name} exited before logging {text!r}:\n" \
+                f"{self.log_tail()}"
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} did not log {text!r} within {timeout_s} s:\n"
+                             f"{self.log_tail()}")
+
     def ensure_dead(self) -> None:
         """SIGKILL if still running (test teardown)."""
         if self.running:
