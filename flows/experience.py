@@ -481,6 +481,14 @@ def _emit(step_id: str, stream: Stream[Any], sinks: list[Sink[Any]]) -> None:
 # --- the flow -------------------------------------------------------------------------
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The shard engines' parameters from ``settings.engine`` (seconds become ms)."""
+    es = settings.engine
+    return EngineConfig(shards=es.shards, live=settings.mode == "live",
+                        idle_ttl_ms=int(es.idle_ttl_s * 1000),
+                        sweep_interval_ms=int(es.sweep_interval_s * 1000))
+
+
 def build_flow(
     settings: Settings,
     *,
@@ -515,7 +523,7 @@ def build_flow(
     es = settings.engine
     live = settings.mode == "live"
     limits = Limits(max_message_bytes=es.max_message_bytes, max_attrs_bytes=es.max_attrs_bytes)
-    config = EngineConfig(shards=es.shards, live=live, idle_ttl_ms=int(es.idle_ttl_s * 1000))
+    config = engine_config(settings)
     lateness_ms = int(es.allowed_lateness_s * 1000)
     horizon_ms = int(es.history_horizon_s * 1000)
     skew_ms = int(es.max_clock_skew_s * 1000)

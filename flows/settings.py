@@ -49,6 +49,12 @@ class EngineSettings(BaseModel):
     idle_ttl_s: float = Field(
         8 * 24 * 3600.0, gt=0, description="evict a customer idle this long (event time)"
     )
+    sweep_interval_s: float = Field(
+        600.0,
+        gt=0,
+        description="how often each shard looks for idle customers to evict (event time); "
+        "a sweep reads every customer of the shard",
+    )
     stats_interval_s: float = Field(5.0, gt=0, description="live: how often stats are emitted")
     max_clock_skew_s: float = Field(
         3600.0, ge=0, description="live: events further in the future are dead letters"

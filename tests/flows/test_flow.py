@@ -221,6 +221,21 @@ def test_help_sprite_fires_in_event_time_mid_stream_for_a_silent_customer(
     ]
 
 
+@pytest.mark.parametrize(("sweep_interval_s", "evicted"), [(60.0, 1), (600.0, 0)])
+def test_sweep_interval_setting_decides_when_an_idle_customer_goes(
+    tmp_path: Path, sweep_interval_s: float, evicted: int
+) -> None:
+    # c1 is idle for more than the hour-long TTL when c2 arrives 62 min later; a sweep
+    # every minute has run since (one at 61 min), one every 10 min has not (60 min: idle
+    # exactly the TTL, kept; the next is due at 70 min).
+    rows = [{"type": "location", "customer_id": cid, "ts": ts, "cell_id": "x"}
+            for cid, ts in (("c1", T0), ("c2", T0 + 62 * 60_000))]
+    out = run_replay(tmp_path, "sweep", rows, [], workers=2, idle_ttl_s=3600.0,
+                     sweep_interval_s=sweep_interval_s)
+    stats = json.loads(out["stats.json"])
+    assert stats["engine"].get("evicted", 0) == evicted
+
+
 def test_cli_replay_writes_the_four_files(tmp_path: Path) -> None:
     rows, profiles = demo_events(rounds=1)
     events = write_jsonl(tmp_path / "e.jsonl", rows)
