@@ -89,6 +89,11 @@ BATCH = 2000  # records per next_batch()
 SIM_MS_PER_CUSTOMER = 86.4  # event time per customer: 2M customers over 48 h
 SESSION_SHARE = 1 / 15
 IDLE_TTL_S = 3 * 86_400.0
+SWEEP_S = 12 * 3600.0
+"""``engine.sweep_interval_s`` here. The load squeezes two days of event time into a few
+minutes, so the default (10 min of event time) would sweep every shard 288 times, each
+sweep reading all of the shard's customers: a quarter of the run at 2M customers, spent
+evicting nothing (the load spans less than ``IDLE_TTL_S``). Every 12 h, four times."""
 WARMUP_EVENTS = 200
 SAMPLE = 20_000  # customers in the deep-size sample
 COMPONENT_N = 2000  # customers per tracemalloc scenario
@@ -253,7 +258,7 @@ def _make_source(probe: Probe, clock: SimClock, seed: int,
     total = probe.checkpoints[-1]
     events_per_customer = 2.5
     step_ms = SIM_MS_PER_CUSTOMER / events_per_customer
-    sweep_ms = 10 * 60_000
+    sweep_ms = int(settings.engine.sweep_interval_s * 1000)
     idle_ms = int(settings.engine.idle_ttl_s * 1000)
 
     class Part(StatefulSourcePartition[RawRecord, None]):
@@ -455,10 +460,12 @@ def child(checkpoints: list[int], out: Path, seed: int) -> None:
     """Run the flow over the population and write the :class:`Probe` as JSON."""
     _install_engine_probe()
     settings = load_settings(mode="live", engine={"idle_ttl_s": IDLE_TTL_S,
+                                                  "sweep_interval_s": SWEEP_S,
                                                   "shards": SHARDS, "workers": 1})
     clock = SimClock(time.time_ns() // 1_000_000)
     probe = Probe(checkpoints=checkpoints)
-    probe.config = {"shards": SHARDS, "idle_ttl_s": IDLE_TTL_S, "block": BLOCK,
+    probe.config = {"shards": SHARDS, "idle_ttl_s": IDLE_TTL_S, "sweep_interval_s": SWEEP_S,
+                    "block": BLOCK,
                     "sim_ms_per_customer": SIM_MS_PER_CUSTOMER, "seed": seed,
                     "python": sys.version.split()[0]}
     flow = build_flow(
