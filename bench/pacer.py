@@ -298,6 +298,20 @@ class PhaseRecord:
     stuck_steps: list[int] = field(default_factory=list)
     late_sends: int = 0
     """Times the pacer found itself more than 5 ms behind schedule."""
+    mark_seq: int | None = None
+    """First ``seq`` sent after the mark (``run_phase(mark_s=...)``), if there was one."""
+    mark_ns: int | None = None
+    """Wall clock at the mark."""
+
+    @property
+    def measured_end_seq(self) -> int:
+        """End of the measured events: the mark if there was one, else the phase's end."""
+        return self.end_seq if self.mark_seq is None else self.mark_seq
+
+    @property
+    def measured_end_ns(self) -> int:
+        """Wall clock at the end of the measured events."""
+        return self.end_ns if self.mark_ns is None else self.mark_ns
 
     @property
     def sent(self) -> int:
@@ -331,10 +345,13 @@ class Pacer:
     def run_phase(self, name: str, rate: float, duration_s: float, *, measure: bool = True,
                   stuck: int = 0, stuck_window_s: float = 10.0,
                   on_tick: Callable[[], None] | None = None,
-                  tick_s: float = 10.0) -> PhaseRecord:
+                  tick_s: float = 10.0, mark_s: float | None = None,
+                  on_mark: Callable[[], None] | None = None) -> PhaseRecord:
         """Send ``rate`` events/s for ``duration_s`` seconds (``stuck`` customers get stuck
         in a step during the first ``stuck_window_s`` seconds); call ``on_tick`` at the
-        start, every ``tick_s`` seconds and at the end."""
+        start, every ``tick_s`` seconds and at the end. At ``mark_s`` seconds into the
+        phase, note the mark (:attr:`PhaseRecord.mark_seq`) and call ``on_mark`` (it may
+        send with :meth:`send_raw`: same thread)."""
         traffic = self.traffic
         topics = self.topics
         produce = self.producer.produce
@@ -357,6 +374,11 @@ class Pacer:
             if on_tick is not None and elapsed >= next_tick:
                 on_tick()
                 next_tick += tick_s * 1e9
+            if mark_s is not None and rec.mark_seq is None and elapsed >= mark_s * 1e9:
+                rec.mark_seq = len(send_ns)
+                rec.mark_ns = time.time_ns()
+                if on_mark is not None:
+                    on_mark()
             if stuck_clicks:
                 want = min(stuck_clicks,
                            int(stuck_clicks * elapsed / (stuck_window_s * 1e9)) + 1)

@@ -30,6 +30,14 @@ def test_latency_quick(tansu: str, redis_server: str, tmp_path: Path) -> None:
     (phase,) = latency.QUICK.phases
     assert run["phase"] == phase.name
     assert run["sent"] == round(phase.rate * phase.duration_s)
+    # Latency is measured for the first measure_s seconds of events; the pushes of the
+    # rest of the phase are counted apart, and the engine had caught up with the
+    # measured window (its end probes answered) before the run stopped.
+    assert phase.measure_s is not None and phase.measure_s < phase.duration_s
+    assert 0 < run["measured_events"] < run["sent"]
+    assert abs(run["measured_s"] - phase.measure_s) < 0.5
+    assert run["seen"].get("after the measured window", 0) > 0
+    assert run["drain_s"] is not None and run["help_wait_s"] is not None
     # Pushes were seen, on terminal streams and on customer streams, and the readers
     # watch every stream pushes go to (with the 2 s dwell, a help-sprite of an ordinary
     # session may fire after the readers stopped: a few may be missing).
@@ -47,6 +55,8 @@ def test_latency_quick(tansu: str, redis_server: str, tmp_path: Path) -> None:
     doc = json.loads(json.dumps(result.to_json()))
     figures = {f["name"]: f for f in doc["figures"]}
     label = latency._label(phase.name)
+    assert figures[f"caught up after the measured {phase.measure_s:g} s @ {label}"][
+        "values"] == [run["drain_s"]]
     for pname in ("p50", "p99", "p99.9", "max"):
         values = figures[f"push latency {pname} @ {label}"]["values"]
         assert len(values) == 1 and values[0] > 0
