@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.core import BenchContext, PartResult
+from bench.host import add_reference
 from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: list[PartResult] = []
     failed: list[str] = []
+    host = PartResult("host")
+    add_reference(host, "before", quick=args.quick)
     with tempfile.TemporaryDirectory(prefix="touchstream-bench-") as tmp:
         work = Path(tmp)
         with services(work / "services") as (brokers, redis_url):
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                                                              default=str))
                 results.append(result)
                 print(f"   {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+    add_reference(host, "after", quick=args.quick)
+    host.notes.append("the same loop before the first part and after the last: how fast "
+                      "this host was during the run (compare tables by it)")
+    results.insert(0, host)
     rows = table_rows(results)
     text = render_text(rows)
     print()
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for note in r.notes:
             print(f"note ({r.part}): {note}")
-    if results:
+    if len(results) > 1:  # a part besides the host reference
         # make bench's table is <date>-table.md; a run of named parts gets its own name,
         # so that it never replaces the full table README shows
         suffix = "" if not args.parts else "-" + "-".join(parts)
