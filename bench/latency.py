@@ -436,6 +436,8 @@ class _Probe:
         self.terminal = f"push:terminal:{PROBE_TERMINAL}".encode()
         self.last = b"0-0"
         self.store = RedisProfileStore(client)
+        self.sent_ms = 0
+        """When :meth:`send` last sent (epoch ms)."""
 
     def _send(self, p: int, now: int) -> dict[str, bytes]:
         """Send the three probes of partition ``p``; ``{event_id: stream}``."""
@@ -676,6 +678,8 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
             # of the measured events is in; how long they took is how far behind the
             # engine was then. The rest of the phase is not waited for, only the
             # help-sprite pushes of the stuck customers.
+            if not mid:
+                raise RuntimeError(f"the phase ended before its measured {phase.measure_s} s")
             answered_ms = probe.answered(engine, mid, plan.drain_timeout_s)
             info["drain_s"] = (None if answered_ms is None
                                else round(max(0, answered_ms - probe.sent_ms) / 1000, 2))
