@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 print(f"   {name} done in {time.monotonic() - t0:.0f} s", flush=True)
     add_reference(host, "after", quick=args.quick)
-    host.notes.append("the same loop before the first part and after the last: how fast "
-                      "this host was during the run (compare tables by it)")
+    host.notes.append("the same two references (bench/host.py) before the first part and "
+                      "after the last: how fast this host was during the run (compare "
+                      "tables by them)")
     results.insert(0, host)
     rows = table_rows(results)
     text = render_text(rows)

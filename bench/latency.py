@@ -25,9 +25,10 @@ Method (one *run* = one rate with its own engine process and fresh topics):
    the customers made to get stuck during the first 10 s of the 5k run give the
    timer lateness = seen - (sent + 90 s).
 
-Until 2026-11-23 the 5k figures covered all 102 s of that run and the part waited for
-the engine to catch up after it (up to 33 s per run on Tansu): its 5k figures are not
-comparable with the 1k and 10k ones, nor with the figures since.
+Before commit 6152a22 the 5k figures covered all 102 s of that run and the part waited
+for the engine to catch up after it (up to 33 s per run on Tansu): the 5k figures of
+tables made before it (the last at 9e65d50, dated 2026-11-23 like the first made after
+it) are not comparable with their 1k and 10k ones, nor with the figures since.
 
 ``--compare-kafka-settings`` runs 5k events/s for 20 s once per set of Kafka latency
 settings (librdkafka's defaults against small values), passed to the engine through
