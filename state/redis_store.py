@@ -2,9 +2,10 @@
 
 Works with a single Redis (``redis.Redis``) and with Redis Cluster
 (``redis.cluster.RedisCluster``, ``redis.cluster = true``): :func:`make_client` makes
-the right client from the settings. Every multi-key operation stays inside one hash
-slot: a guard script call only touches keys of one customer's hash tag, a profile
-replace touches one key.
+the right client from the settings. On a cluster every multi-key operation stays inside
+one hash slot: a guard script call only touches keys of one customer's hash tag, a
+profile replace touches one key, and profiles are read with one ``HMGET`` per key (on a
+single Redis a batch of them is read in one read-only script call).
 
 Key layout (``<...>`` is filled in; prefixes are constructor arguments):
 
@@ -56,6 +57,7 @@ keys; it is not what decides.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -83,12 +85,14 @@ from redis.typing import EncodableT, FieldT
 from flows.codec import json_dumps, json_loads, unpack
 from flows.masking import mask_id
 from flows.metrics import PROFILE_DEGRADED_READS, REDIS_RTT, REDIS_UNAVAILABLE
-from flows.model import Profile, profile_from_dict
+from flows.model import DEFAULT_LIMITS, Profile, profile_from_dict
 from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
 
 __all__ = [
+    "PROFILE_FIELDS",
     "UNAVAILABLE",
+    "ProfileDecoder",
     "RedisClient",
     "RedisGuardStore",
     "RedisHealth",
@@ -108,6 +112,8 @@ RedisClient: TypeAlias = redis.Redis | RedisCluster
 
 _TEXT_FIELDS: Final = ("handset", "segment")
 _JSON_FIELDS: Final = ("subscriptions", "configured", "prefs", "trials")
+PROFILE_FIELDS: Final = (*_JSON_FIELDS, *_TEXT_FIELDS, "opt_out")
+"""The fields of a profile hash touchstream reads (others are left to their writers)."""
 _TRUE: Final = frozenset({"1", "true"})
 _FALSE: Final = frozenset({"0", "false"})
 
@@ -220,26 +226,60 @@ def encode_profile(p: Profile) -> dict[FieldT, EncodableT]:
     return fields
 
 
-def decode_profile(customer_id: str, raw: Mapping[bytes | str, bytes | str]) -> Profile:
-    """A profile from its hash fields; raise ValueError naming what is wrong."""
-    if not raw:
-        return Profile(customer_id)
-    h = {_text(k): v for k, v in raw.items()}
-    doc: dict[str, Any] = {"customer_id": customer_id}
-    for f in _JSON_FIELDS:
-        if f in h:
-            doc[f] = json_loads(h[f])  # DecodeError is a ValueError
-    for f in _TEXT_FIELDS:
-        if f in h:
-            doc[f] = _text(h[f])
-    if "opt_out" in h:
-        flag = _text(h["opt_out"]).strip().lower()
-        if flag in _TRUE:
-            doc["opt_out"] = True
-        elif flag in _FALSE:
-            doc["opt_out"] = False
+class ProfileDecoder:
+    """Profiles from the values of their hashes, checked as :func:`profile_from_dict` does.
+
+    Many customers' hashes hold the same values (the same few subscriptions, segments,
+    preferences), so the checked fields of the last ``memo_size`` distinct value tuples
+    are kept: a repeat costs a lookup and a new Profile, not the JSON decoding and the
+    checks (``bench/README.md``, "Reading profiles"). ``memo_size=0`` keeps nothing.
+    A value that fails the checks is not kept: it raises every time. Safe to share
+    between threads.
+    """
+
+    def __init__(self, memo_size: int = 4096) -> None:
+        self._fields = functools.lru_cache(maxsize=memo_size)(_checked_fields)
+
+    def decode(self, customer_id: str, values: Sequence[bytes | str | None]) -> Profile:
+        """A profile from its hash's values in :data:`PROFILE_FIELDS` order (None: no field).
+
+        What ``HMGET <key> <PROFILE_FIELDS...>`` returns; raise ValueError naming what
+        is wrong. No field at all is the empty profile.
+        """
+        if not customer_id or len(customer_id) > DEFAULT_LIMITS.max_customer_id_len:
+            raise ValueError("customer_id must be a non-empty string of at most 64 "
+                             "characters")
+        t = self._fields(tuple(values))
+        # prefs and trials are dicts: each profile gets its own, the memo's stay as they are
+        return Profile(customer_id, t.subscriptions, t.configured, t.handset, t.segment,
+                       dict(t.prefs), t.opt_out, dict(t.trials))
+
+    def decode_hash(self, customer_id: str, raw: Mapping[bytes | str, bytes | str]) -> Profile:
+        """A profile from its whole hash (what ``HGETALL`` returns); other fields ignored."""
+        h = {_text(k): v for k, v in raw.items()}
+        return self.decode(customer_id, [h.get(f) for f in PROFILE_FIELDS])
+
+
+def _checked_fields(values: tuple[bytes | str | None, ...]) -> Profile:
+    """The fields of ``values`` as a Profile with a placeholder id (raises ValueError)."""
+    if len(values) != len(PROFILE_FIELDS):
+        raise ValueError(f"{len(values)} values for {len(PROFILE_FIELDS)} profile fields")
+    doc: dict[str, Any] = {"customer_id": "-"}
+    for f, v in zip(PROFILE_FIELDS, values, strict=True):
+        if v is None:
+            continue
+        if f in _JSON_FIELDS:
+            doc[f] = json_loads(v)  # DecodeError is a ValueError
+        elif f == "opt_out":
+            flag = _text(v).strip().lower()
+            if flag in _TRUE:
+                doc["opt_out"] = True
+            elif flag in _FALSE:
+                doc["opt_out"] = False
+            else:
+                raise ValueError("opt_out must be 0 or 1")
         else:
-            raise ValueError("opt_out must be 0 or 1")
+            doc[f] = _text(v)
     return profile_from_dict(doc)
 
 
@@ -248,6 +288,29 @@ _REPLACE_HASH_LUA: Final = (
     "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
 )
 
+
+# Read the profile hashes of a whole batch in one call (a single Redis only: on a
+# cluster the keys are in many slots, and a script's keys must share one).
+# KEYS: the profile keys; ARGV: the field names (PROFILE_FIELDS). Returns, per key, the
+# HMGET reply, or the status WRONGTYPE if the key is not a hash; any other error fails
+# the call.
+_READ_PROFILES_LUA: Final = """
+local out = {}
+for i = 1, #KEYS do
+  local r = redis.pcall('HMGET', KEYS[i], unpack(ARGV))
+  if r.err then
+    if string.sub(r.err, 1, 9) ~= 'WRONGTYPE' then return r end
+    out[i] = {ok = 'WRONGTYPE'}
+  else
+    out[i] = r
+  end
+end
+return out
+"""
+_READ_CHUNK: Final = 1000
+"""Most keys one read script call takes (Redis runs nothing else while a script runs)."""
+_READ_PROFILES_SHA: Final = hashlib.sha1(_READ_PROFILES_LUA.encode("utf-8"),
+                                         usedforsecurity=False).hexdigest()
 
 _PROFILE_RTT = REDIS_RTT.labels("profile_get")
 _PROFILE_STALE = PROFILE_DEGRADED_READS.labels("stale")
@@ -364,8 +427,11 @@ class RedisHealth:
 
 
 def run_scripts(client: RedisClient, script: str, sha: str,
-                calls: Sequence[Sequence[EncodableT]]) -> list[Any]:
+                calls: Sequence[Sequence[EncodableT]], *, read_only: bool = False) -> list[Any]:
     """Run ``EVALSHA sha <call...>`` for every call in one pipeline; the replies in order.
+
+    ``read_only`` sends ``EVALSHA_RO`` (Redis ≥ 7): the script may not write, and its keys
+    need only read permission (an ACL ``%R~`` pattern).
 
     Each call is ``numkeys, *keys, *argv`` (on a cluster, its keys in one slot: the
     pipeline sends it to that slot's node). If Redis lost the script (restart,
@@ -379,7 +445,7 @@ def run_scripts(client: RedisClient, script: str, sha: str,
     for _attempt in range(2):
         pipe = client.pipeline(transaction=False)
         for c in todo:
-            pipe.execute_command("EVALSHA", sha, *calls[c])
+            pipe.execute_command("EVALSHA_RO" if read_only else "EVALSHA", sha, *calls[c])
         replies = pipe.execute(raise_on_error=False)
         retry: list[int] = []
         for c, reply in zip(todo, replies, strict=True):
@@ -421,6 +487,13 @@ class RedisProfileStore:
     a write an operator asked for: it raises as before. In Prometheus:
     ``touchstream_profile_degraded_reads_total{outcome="stale"|"wait"}`` (per batch) and
     ``touchstream_redis_unavailable_total{op="profiles"}``.
+
+    **Reads**: on a single Redis the uncached profiles of a batch are read in one
+    read-only script call (``EVALSHA_RO``: ``HMGET`` of :data:`PROFILE_FIELDS` per
+    key); on a cluster, and for one profile, with a pipeline of ``HMGET``. A key that
+    is not a hash counts as an unreadable profile. Hashes are decoded by a
+    :class:`ProfileDecoder` that remembers the last ``decode_memo`` distinct value
+    tuples (0: none).
     """
 
     def __init__(
@@ -432,8 +505,10 @@ class RedisProfileStore:
         prefix: str = "profile:",
         max_cached: int = 100_000,
         retry_interval_s: float = 0.5,
+        decode_memo: int = 4096,
     ) -> None:
         self._client = client
+        self._decoder = ProfileDecoder(decode_memo)
         self._ttl = cache_ttl_s
         self._now = now
         self._prefix = prefix
@@ -489,9 +564,11 @@ class RedisProfileStore:
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
 
-    def _decode(self, customer_id: str, raw: Mapping[bytes | str, bytes | str]) -> Profile:
+    def _decode(self, customer_id: str, values: Sequence[bytes | str | None] | None) -> Profile:
         try:
-            return decode_profile(customer_id, raw)
+            if values is None:
+                raise ValueError("the key is not a hash")
+            return self._decoder.decode(customer_id, values)
         except ValueError as exc:
             with self._lock:
                 self.bad_profiles += 1
@@ -499,17 +576,34 @@ class RedisProfileStore:
                         exc)
             return Profile(customer_id)
 
-    def _fetch(self, customer_ids: Sequence[str]) -> list[Mapping[bytes | str, bytes | str]]:
-        """The raw hashes, one command for one id, else one pipeline (raises if down)."""
-        if len(customer_ids) == 1:
-            return [self._client.hgetall(self.key(customer_ids[0]))]
-        pipe = self._client.pipeline(transaction=False)
-        for cid in customer_ids:
-            pipe.hgetall(self.key(cid))
+    def _fetch(self, customer_ids: Sequence[str]) -> list[Sequence[bytes | str | None] | None]:
+        """Per id, its hash's :data:`PROFILE_FIELDS` values, or None if the key is not a
+        hash. One script call for many ids on a single Redis, else a pipeline of
+        ``HMGET`` (raises if Redis is down, and on any other error reply)."""
+        keys = [self.key(cid) for cid in customer_ids]
         t0 = time.perf_counter()
-        replies = pipe.execute()
+        if len(keys) > 1 and not isinstance(self._client, RedisCluster):
+            calls: list[list[EncodableT]] = [[len(part), *part, *PROFILE_FIELDS]
+                     for part in (keys[i : i + _READ_CHUNK]
+                                  for i in range(0, len(keys), _READ_CHUNK))]
+            replies = run_scripts(self._client, _READ_PROFILES_LUA, _READ_PROFILES_SHA,
+                                  calls, read_only=True)
+            out: list[Sequence[bytes | str | None] | None] = [
+                r if isinstance(r, list) else None for reply in replies for r in reply]
+        else:  # one id, or keys in many cluster slots (a script's keys share one slot)
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, PROFILE_FIELDS)
+            out = []
+            for r in pipe.execute(raise_on_error=False):
+                if isinstance(r, Exception):
+                    if not str(r).startswith("WRONGTYPE"):
+                        raise r
+                    out.append(None)
+                else:
+                    out.append(r)
         _PROFILE_RTT.observe(time.perf_counter() - t0)
-        return replies
+        return out
 
     def _load(self, customer_ids: Sequence[str], now: float) -> dict[str, Profile]:
         """Read uncached profiles; while Redis is down serve stale ones, wait for the rest."""
@@ -525,8 +619,8 @@ class RedisProfileStore:
                 except UNAVAILABLE as exc:
                     self.health.mark_down(exc)
                 else:
-                    for cid, raw in zip(todo, replies, strict=True):
-                        profile = self._decode(cid, raw)
+                    for cid, values in zip(todo, replies, strict=True):
+                        profile = self._decode(cid, values)
                         self._remember(profile, now)
                         out[cid] = profile
                     return out

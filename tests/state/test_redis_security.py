@@ -67,7 +67,7 @@ pytestmark = pytest.mark.integration
 ENGINE_ACL = (
     "resetkeys %R~profile:* ~guard:* ~push:* ~ops:* ~quota:* %R~touchstream:rules "
     "resetchannels &push:* &ops:* &touchstream:rules "
-    "-@all +ping +hgetall +get +set +del +exists +pttl +evalsha "
+    "-@all +ping +hmget +get +set +del +exists +pttl +evalsha +evalsha_ro "
     "+script|load +xadd +xread +expire +publish +sadd +sismember +scard "
     "+subscribe +unsubscribe"
 )

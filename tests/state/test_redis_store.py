@@ -128,7 +128,7 @@ def test_cache_hit_costs_no_round_trip(client: CountingRedis, admin: redis.Redis
         assert store.get("nobody") == Profile("nobody")  # "no profile" is cached too
         clock.t += 0.01
     assert client.round_trips == 2
-    assert server_calls(admin, "hgetall") == 2
+    assert server_calls(admin, "hmget") == 2
     assert store.cache_hits == 198
 
 
@@ -181,16 +181,34 @@ def test_get_many_fetches_misses_in_one_pipeline(
     store.put_many(profiles)
     store.get("C0")
     store.get("C1")
+    store.get_many(["x", "y"])  # Redis loads the read script on the first batch
     admin.config_resetstat()
     client.round_trips = 0
     ids = [f"C{i}" for i in range(20)] + ["C5", "nobody"]
     got = store.get_many(ids)
     assert client.round_trips == 1
-    assert server_calls(admin, "hgetall") == 19  # 18 misses + nobody; C0/C1 cached
+    assert server_calls(admin, "evalsha_ro") == 1  # the whole batch in one call
+    assert server_calls(admin, "hmget") == 19  # 18 misses + nobody; C0/C1 cached
     assert got == {p.customer_id: p for p in profiles} | {"nobody": Profile("nobody")}
     client.round_trips = 0
     assert store.get_many(ids) == got
     assert client.round_trips == 0
+
+
+def test_a_large_batch_is_read_in_bounded_script_calls_of_one_round_trip(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    store = RedisProfileStore(client, cache_ttl_s=0)
+    profiles = [Profile(f"C{i}", segment=str(i % 7)) for i in range(2500)]
+    store.put_many(profiles)
+    store.get_many(["x", "y"])  # Redis loads the read script on the first batch
+    admin.config_resetstat()
+    client.round_trips = 0
+    assert store.get_many(p.customer_id for p in profiles) == {
+        p.customer_id: p for p in profiles}
+    assert client.round_trips == 1
+    assert server_calls(admin, "evalsha_ro") == 3  # 1000 + 1000 + 500 keys
+    assert server_calls(admin, "hmget") == 2500
 
 
 def test_put_many_is_one_round_trip(client: CountingRedis) -> None:
@@ -223,6 +241,46 @@ def test_malformed_hash_is_empty_profile_and_counted(
     assert store.bad_profiles == 1
     assert store.get_many(["C1", "C2"]) == {"C1": Profile("C1"), "C2": Profile("C2")}
     assert store.bad_profiles == 1  # the empty profile was cached, not re-read
+
+
+def test_a_key_that_is_not_a_hash_is_a_bad_profile_not_a_crash(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    store = RedisProfileStore(client)
+    store.put_many([Profile("C1", segment="gold"), Profile("C3", segment="silver")])
+    admin.set("profile:C2", "a string an operator wrote by mistake")
+    admin.rpush("profile:C4", "a list")
+    assert store.get_many(["C1", "C2", "C3", "C4"]) == {
+        "C1": Profile("C1", segment="gold"), "C2": Profile("C2"),
+        "C3": Profile("C3", segment="silver"), "C4": Profile("C4")}
+    assert store.bad_profiles == 2
+    store.invalidate()
+    assert store.get("C2") == Profile("C2")  # one id: HMGET, not the script
+    assert store.bad_profiles == 3
+
+
+def test_batch_read_reloads_a_flushed_script(client: CountingRedis, admin: redis.Redis) -> None:
+    store = RedisProfileStore(client, cache_ttl_s=0)
+    profiles = [Profile(f"C{i}", segment=str(i)) for i in range(5)]
+    store.put_many(profiles)
+    ids = [p.customer_id for p in profiles]
+    assert store.get_many(ids) == {p.customer_id: p for p in profiles}
+    admin.script_flush()  # as after a restart or a failover
+    assert store.get_many(ids) == {p.customer_id: p for p in profiles}
+    assert store.health.errors == 0
+
+
+def test_fields_touchstream_does_not_know_are_left_alone(
+    client: CountingRedis, admin: redis.Redis
+) -> None:
+    admin.hset("profile:C1", mapping={"segment": "gold", "crm_note": "{not json",
+                                      "subscriptions": '["5G"]'})
+    admin.hset("profile:C2", mapping={"crm_note": "only this"})
+    store = RedisProfileStore(client)
+    assert store.get_many(["C1", "C2"]) == {
+        "C1": Profile("C1", segment="gold", subscriptions=frozenset({"5G"})),
+        "C2": Profile("C2")}
+    assert store.bad_profiles == 0
 
 
 def test_profile_store_works_with_decoded_responses(admin: redis.Redis) -> None:
@@ -317,6 +375,7 @@ def test_guard_groups_customers_into_few_script_calls(
 ) -> None:
     store = RedisGuardStore(client, chunk=100)
     reqs = [GuardRequest(f"p{i}", f"C{i % 30}", T0 + i, cap=3) for i in range(150)]
+    store.admit([GuardRequest("warm", "C999", T0)])  # Redis loads the script (run alone too)
     admin.config_resetstat()
     client.round_trips = 0
     got = store.admit(reqs)
