@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,23 @@ from bench.workload import customer_id, profiles
 from flows.model import Profile
 from state.redis_store import PROFILE_FIELDS, ProfileDecoder, RedisProfileStore, encode_profile
 
-__all__ = ["FULL", "QUICK", "run"]
+__all__ = ["FULL", "QUICK", "Size", "run"]
 
 PART = "profile_reads"
 PREFIX = "bench-profile-reads:"
-FULL = {"customers": 100_000, "ids_per_size": 50_000, "sizes": (1_000, 100)}
-QUICK = {"customers": 2_000, "ids_per_size": 1_000, "sizes": (100, 10)}
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big a run is: the profiles loaded, the ids read per batch size, the sizes."""
+
+    customers: int
+    ids_per_size: int
+    sizes: tuple[int, ...]
+
+
+FULL = Size(customers=100_000, ids_per_size=50_000, sizes=(1_000, 100))
+QUICK = Size(customers=2_000, ids_per_size=1_000, sizes=(100, 10))
 WAYS = ("HGETALL pipeline", "script, no memo", "script + memo")
 
 
@@ -112,8 +124,7 @@ def _plot(result: PartResult, sizes: Sequence[int], path: Path) -> None:
 def run(ctx: BenchContext) -> PartResult:
     """Load the profiles, time the three ways ``ctx.runs`` times, drop the profiles."""
     size = QUICK if ctx.quick else FULL
-    sizes: tuple[int, ...] = size["sizes"]  # type: ignore[assignment]
-    customers = int(size["customers"])  # type: ignore[call-overload]
+    sizes, customers = size.sizes, size.customers
     result = PartResult(PART)
     population = list(profiles(customers))
     distinct = len({tuple(encode_profile(p).get(f) for f in PROFILE_FIELDS)
@@ -140,9 +151,8 @@ def run(ctx: BenchContext) -> PartResult:
                 WAYS[2]: RedisProfileStore(client, cache_ttl_s=0, prefix=PREFIX).get_many,
             }
             for n in sizes:
-                count = int(size["ids_per_size"])  # type: ignore[call-overload]
                 batches = [[customer_id(rng.randrange(customers)) for _ in range(n)]
-                           for _ in range(max(1, count // n))]
+                           for _ in range(max(1, size.ids_per_size // n))]
                 reads: dict[str, Any] = {}
                 for way in random.Random(n).sample(WAYS, len(WAYS)):  # no fixed order
                     wall, cpu, reads[way] = _time(readers[way], batches)

@@ -23,14 +23,14 @@ def test_profile_reads_quick(tmp_path: Path, redis_url: str) -> None:
                        date="2000-01-01")
     result = profile_reads.run(ctx)
 
-    sizes = profile_reads.QUICK["sizes"]
+    sizes = profile_reads.QUICK.sizes
     names = {f.name for f in result.figures}
     for way in profile_reads.WAYS:
-        for n in sizes:  # type: ignore[attr-defined]
+        for n in sizes:
             assert f"{way}, batch {n:,}, wall per profile" in names
             assert f"{way}, batch {n:,}, CPU per profile" in names
     assert all(len(f.values) == 2 and all(v > 0 for v in f.values) for f in result.figures)
-    assert 0 < result.extra["distinct_value_tuples"] <= profile_reads.QUICK["customers"]
+    assert 0 < result.extra["distinct_value_tuples"] <= profile_reads.QUICK.customers
     assert client.keys(profile_reads.PREFIX + "*") == []  # its own keys are gone
     assert client.get("someone-else") == b"1"  # and nothing else was touched
     client.close()
