@@ -23,8 +23,8 @@ Key layout (``<...>`` is filled in; prefixes are constructor arguments):
 
     A missing hash is the empty profile; a missing field is that field's default, so
     ``HSET profile:C1 opt_out 1`` alone opts a customer out. A hash that cannot be
-    read (bad JSON, wrong types) is served as the empty profile and counted in
-    :attr:`RedisProfileStore.bad_profiles`, never raised.
+    read (bad JSON, wrong types), or a key that is not a hash, is served as the empty
+    profile and counted in :attr:`RedisProfileStore.bad_profiles`, never raised.
 
     Profiles stay JSON fields, not MessagePack, although touchstream reads them: they
     are not "values only touchstream reads back". Operators' own systems write them
@@ -583,9 +583,8 @@ class RedisProfileStore:
         keys = [self.key(cid) for cid in customer_ids]
         t0 = time.perf_counter()
         if len(keys) > 1 and not isinstance(self._client, RedisCluster):
-            calls: list[list[EncodableT]] = [[len(part), *part, *PROFILE_FIELDS]
-                     for part in (keys[i : i + _READ_CHUNK]
-                                  for i in range(0, len(keys), _READ_CHUNK))]
+            parts = [keys[i : i + _READ_CHUNK] for i in range(0, len(keys), _READ_CHUNK)]
+            calls: list[list[EncodableT]] = [[len(p), *p, *PROFILE_FIELDS] for p in parts]
             replies = run_scripts(self._client, _READ_PROFILES_LUA, _READ_PROFILES_SHA,
                                   calls, read_only=True)
             out: list[Sequence[bytes | str | None] | None] = [
