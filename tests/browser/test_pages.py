@@ -109,6 +109,16 @@ class WebDriver:
     def text(self, eid: str) -> str:
         return str(self.call("GET", self.s(f"/element/{eid}/text")))
 
+    def visible_text(self, eid: str, timeout_s: float) -> str:
+        """The element's text once it shows any. WebDriver gives the text a user sees,
+        and an element at opacity 0 (a card's arrival animation starts there) has none."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.text(eid)
+            if text or time.monotonic() >= deadline:
+                return text
+            time.sleep(0.05)
+
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self.call("GET", self.s("/screenshot"))))
@@ -190,8 +200,9 @@ def test_terminal_push_and_ops_alert(browser: WebDriver, redis_url: str, tmp_pat
             env=env, stdout=engine_log, stderr=subprocess.STDOUT)
         try:
             card = browser.wait_for("#pushes li.push.kind-help", 35)
-            assert "remote cam" in browser.text(card).lower()
-            assert "138" not in browser.text(card)  # the page never shows the customer
+            card_text = browser.visible_text(card, 5)
+            assert "remote cam" in card_text.lower()
+            assert "138" not in card_text  # the page never shows the customer
             time.sleep(0.8)  # let the card's arrival animation end for the picture
             browser.screenshot(shots / "terminal.png")
 
@@ -199,7 +210,7 @@ def test_terminal_push_and_ops_alert(browser: WebDriver, redis_url: str, tmp_pat
             browser.go(f"{gw.url}/ops?token={OPS_TOKEN}")
             browser.wait_for('#status[data-state="live"]', 10)
             alert = browser.wait_for("#alerts li.alert.type-customer", 20)
-            text = browser.text(alert)
+            text = browser.visible_text(alert, 5)
             assert "touchstream.dwell.customer" in text
             assert "door_sensor_setup" in text
             assert "…0006" in text and "13800000006" not in text
