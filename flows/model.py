@@ -28,6 +28,7 @@ __all__ = [
     "Profile",
     "Push",
     "RawRecord",
+    "check_profile_customer_id",
     "decode_record",
     "ms_to_datetime",
     "ms_to_rfc3339",
@@ -596,13 +597,20 @@ def _str_list(v: Any, name: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+def check_profile_customer_id(cid: Any) -> str:
+    """``cid`` if it can be a profile's customer id; else raise ValueError saying why."""
+    limit = DEFAULT_LIMITS.max_customer_id_len
+    if not isinstance(cid, str) or not cid or len(cid) > limit:
+        raise ValueError(f"customer_id must be a non-empty string of at most {limit} "
+                         "characters")
+    return cid
+
+
 def profile_from_dict(doc: Any) -> Profile:
     """Validate one profile document; raise ValueError naming the bad field."""
     if not isinstance(doc, dict):
         raise ValueError("a profile must be a JSON object")
-    cid = doc.get("customer_id")
-    if not isinstance(cid, str) or not cid or len(cid) > DEFAULT_LIMITS.max_customer_id_len:
-        raise ValueError("customer_id must be a non-empty string of at most 64 characters")
+    cid = check_profile_customer_id(doc.get("customer_id"))
     prefs_raw = doc.get("prefs") or {}
     if not isinstance(prefs_raw, dict):
         raise ValueError("prefs must be an object")

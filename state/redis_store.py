@@ -85,7 +85,7 @@ from redis.typing import EncodableT, FieldT
 from flows.codec import json_dumps, json_loads, unpack
 from flows.masking import mask_id
 from flows.metrics import PROFILE_DEGRADED_READS, REDIS_RTT, REDIS_UNAVAILABLE
-from flows.model import DEFAULT_LIMITS, Profile, profile_from_dict
+from flows.model import Profile, check_profile_customer_id, profile_from_dict
 from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
 
@@ -246,9 +246,7 @@ class ProfileDecoder:
         What ``HMGET <key> <PROFILE_FIELDS...>`` returns; raise ValueError naming what
         is wrong. No field at all is the empty profile.
         """
-        if not customer_id or len(customer_id) > DEFAULT_LIMITS.max_customer_id_len:
-            raise ValueError("customer_id must be a non-empty string of at most 64 "
-                             "characters")
+        check_profile_customer_id(customer_id)  # the memo's profiles carry a placeholder
         t = self._fields(tuple(values))
         # prefs and trials are dicts: each profile gets its own, the memo's stay as they are
         return Profile(customer_id, t.subscriptions, t.configured, t.handset, t.segment,
