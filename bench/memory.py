@@ -52,7 +52,7 @@ import time
 import tracemalloc
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -162,8 +162,9 @@ class SyntheticProfiles:
         """Profiles by customer id."""
         return {c: self.get(c) for c in customer_ids}
 
-    def prefetch(self, customer_ids: Iterable[str]) -> None:
-        """Nothing to fetch."""
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
+        """Nothing to fetch (an empty map: the engine calls :meth:`get`)."""
+        return {}
 
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Nothing is stored."""

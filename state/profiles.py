@@ -6,7 +6,7 @@ preferences, not opted out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,9 +32,14 @@ class ProfileStore(Protocol):
         """Store profiles (replacing whole profiles); return how many were stored."""
         ...
 
-    def prefetch(self, customer_ids: Iterable[str]) -> None:
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
         """Warm whatever cache sits in front of :meth:`get` for these customers, in one
-        round trip (the engine calls it once per batch; a no-op in memory)."""
+        round trip, and return what it now holds for them, by customer id.
+
+        The engine calls it once per batch and reads the batch's profiles from the
+        returned map. A store with nothing to warm returns an empty map, and the engine
+        calls :meth:`get` instead.
+        """
         ...
 
 
@@ -54,8 +59,9 @@ class InMemoryProfileStore:
         """Profiles for many customers (missing ones are empty), by customer id."""
         return {cid: self.get(cid) for cid in customer_ids}
 
-    def prefetch(self, customer_ids: Iterable[str]) -> None:
-        """Nothing to warm: every profile is in memory."""
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
+        """Nothing to warm: every profile is in memory (an empty map)."""
+        return {}
 
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Store profiles; return how many were stored."""

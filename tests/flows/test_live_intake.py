@@ -4,7 +4,7 @@ profiles prefetched once per batch; and the live flow end to end on 1 and 2 work
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -46,8 +46,9 @@ class SpyProfiles(InMemoryProfileStore):
         super().__init__(profiles)
         self.prefetched: list[list[str]] = []
 
-    def prefetch(self, customer_ids: Iterable[str]) -> None:
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
         self.prefetched.append(list(customer_ids))
+        return {}
 
 
 def test_router_groups_by_key_shard_keeping_arrival_order() -> None:
@@ -119,6 +120,59 @@ def test_live_batch_prefetches_clicking_customers_for_the_shard() -> None:
     envs = intake([[rec(session_start("a"), key=b"a"), rec(calls("b"), key=b"b")]], NOW, out)
     eng.on_live_batch(envs, NOW, out)
     assert spy.prefetched == [["a"]]
+    assert [p.rule_id for p in out] == ["setup-first"]
+
+
+class HoldingProfiles(InMemoryProfileStore):
+    """Prefetch returns the profiles it was given; ``get`` knows nobody, and counts."""
+
+    def __init__(self, held: Iterable[Profile]) -> None:
+        super().__init__()
+        self.held = {p.customer_id: p for p in held}
+        self.gets: list[str] = []
+
+    def get(self, customer_id: str) -> Profile:
+        self.gets.append(customer_id)
+        return super().get(customer_id)
+
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
+        return {c: self.held[c] for c in customer_ids if c in self.held}
+
+
+def test_live_batch_rules_read_the_profiles_the_prefetch_returned() -> None:
+    store = HoldingProfiles([Profile("a", subscriptions=frozenset({"care_link"}))])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    envs = intake([[rec(session_start("a"), key=b"a")]], NOW, out)
+    eng.on_live_batch(envs, NOW, out)
+    # ``get`` would have said "no subscriptions": the push proves the rule read the
+    # prefetched profile, and no rule went back to the store for it
+    assert [p.rule_id for p in out] == ["setup-first"]
+    assert store.gets == []
+
+
+def test_what_a_batch_prefetched_is_not_held_after_the_batch() -> None:
+    store = HoldingProfiles([Profile("a", subscriptions=frozenset({"care_link"}))])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    eng.on_live_batch(intake([[rec(calls("x"), key=b"x"),
+                                rec(session_start("a"), key=b"a")]], NOW, out), NOW, out)
+    out.clear()
+    # a later event outside a prefetching batch reads the store (which knows nobody)
+    eng.on_live_event(intake([[rec(session_start("a", NOW + 1), key=b"a")]], NOW, out)[0],
+                      NOW + 1, out)
+    assert store.gets and set(store.gets) == {"a"}
+    assert [p.rule_id for p in out if hasattr(p, "rule_id")] == []
+
+
+def test_a_store_with_nothing_to_prefetch_is_read_per_rule() -> None:
+    store = SpyProfiles([Profile("a", subscriptions=frozenset({"care_link"}))])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    eng.on_live_batch(intake([[rec(session_start("a"), key=b"a")]], NOW, out), NOW, out)
     assert [p.rule_id for p in out] == ["setup-first"]
 
 

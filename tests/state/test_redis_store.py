@@ -195,6 +195,28 @@ def test_get_many_fetches_misses_in_one_pipeline(
     assert client.round_trips == 0
 
 
+def test_prefetch_returns_cached_and_fetched_profiles_and_counts_each_id_once(
+    client: CountingRedis,
+) -> None:
+    clock = Clock()
+    store = RedisProfileStore(client, now=clock)
+    profiles = [Profile(f"C{i}", segment=str(i)) for i in range(4)]
+    store.put_many(profiles)
+    store.get("C0")  # a miss, then cached
+    before = store.stats()
+    client.round_trips = 0
+    held = store.prefetch(["C0", "C1", "C0", "C2", "C3", "C1", "nobody"])
+    assert held == {p.customer_id: p for p in profiles} | {"nobody": Profile("nobody")}
+    assert client.round_trips == 1
+    after = store.stats()
+    assert after["cache_hits"] - before["cache_hits"] == 1  # C0
+    assert after["cache_misses"] - before["cache_misses"] == 4  # C1, C2, C3, nobody
+    clock.t += 10  # past the TTL: every id is read again
+    client.round_trips = 0
+    assert store.prefetch(["C0", "C3"]) == {"C0": profiles[0], "C3": profiles[3]}
+    assert client.round_trips == 1
+
+
 def test_a_large_batch_is_read_in_bounded_script_calls_of_one_round_trip(
     client: CountingRedis, admin: redis.Redis
 ) -> None:
