@@ -661,12 +661,13 @@ class RedisProfileStore:
         The cache is looked up under one lock for the whole batch (the engine calls
         this for every batch with clicks, and most of its lookups are hits).
         """
+        ids = list(customer_ids)  # an iterator is drained before the lock is taken
         now = self._now()
         out: dict[str, Profile] = {}
         missing: dict[str, None] = {}  # ordered set
         with self._lock:
             cache = self._cache
-            for cid in customer_ids:
+            for cid in ids:
                 if cid in out or cid in missing:
                     continue
                 entry = cache.get(cid)

@@ -217,6 +217,15 @@ def test_prefetch_returns_cached_and_fetched_profiles_and_counts_each_id_once(
     assert client.round_trips == 1
 
 
+def test_get_many_takes_ids_from_an_iterator_that_reads_the_store(client: CountingRedis) -> None:
+    store = RedisProfileStore(client)
+    store.put_many([Profile("A", segment="a"), Profile("B", segment="b")])
+    # the cache's lock is not held while the ids are drawn (a non-reentrant lock would
+    # deadlock here if it were)
+    got = store.get_many(store.get(c).customer_id for c in ("A", "B"))
+    assert got == {"A": Profile("A", segment="a"), "B": Profile("B", segment="b")}
+
+
 def test_a_large_batch_is_read_in_bounded_script_calls_of_one_round_trip(
     client: CountingRedis, admin: redis.Redis
 ) -> None:
