@@ -415,11 +415,7 @@ class ShardEngine:
             envs = list(envs)
         clicks = [e.event.customer_id for e in envs if type(e.event) is ClickEvent]
         apply = self.apply
-        if not clicks:
-            for env in envs:
-                apply(env, out)
-            return
-        self._held = self.profiles.prefetch(clicks)
+        self._held = self.profiles.prefetch(clicks) if clicks else _NOTHING_HELD
         try:
             for env in envs:
                 apply(env, out)

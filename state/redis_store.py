@@ -534,15 +534,23 @@ class RedisProfileStore:
 
     # -- cache --------------------------------------------------------------------
 
+    def _fresh(self, customer_id: str, now: float) -> Profile | None:
+        """The cached profile if it has not expired (now the most recent), else None.
+        The caller holds the lock and counts the hit or miss."""
+        entry = self._cache.get(customer_id)
+        if entry is None or entry[0] <= now:
+            return None
+        self._cache.move_to_end(customer_id)
+        return entry[1]
+
     def _cached(self, customer_id: str, now: float) -> Profile | None:
         with self._lock:
-            entry = self._cache.get(customer_id)
-            if entry is None or entry[0] <= now:
+            hit = self._fresh(customer_id, now)
+            if hit is None:
                 self.cache_misses += 1
-                return None
-            self._cache.move_to_end(customer_id)
-            self.cache_hits += 1
-            return entry[1]
+            else:
+                self.cache_hits += 1
+            return hit
 
     def _stale(self, customer_id: str) -> Profile | None:
         """The last profile read for this customer, however old (None if never/evicted)."""
@@ -666,16 +674,15 @@ class RedisProfileStore:
         out: dict[str, Profile] = {}
         missing: dict[str, None] = {}  # ordered set
         with self._lock:
-            cache = self._cache
+            fresh = self._fresh
             for cid in ids:
                 if cid in out or cid in missing:
                     continue
-                entry = cache.get(cid)
-                if entry is None or entry[0] <= now:
+                hit = fresh(cid, now)
+                if hit is None:
                     missing[cid] = None
                 else:
-                    cache.move_to_end(cid)
-                    out[cid] = entry[1]
+                    out[cid] = hit
             self.cache_hits += len(out)
             self.cache_misses += len(missing)
         if missing:
