@@ -404,18 +404,28 @@ class ShardEngine:
         self.fire_due(now, out)
         self.apply(env, out)
 
-    def on_live_batch(self, envs: Iterable[Envelope], now: int, out: Out) -> None:
+    def on_live_batch(self, envs: Iterable[Envelope], now: int, out: Out,
+                      profiles: Mapping[str, Profile] = _NOTHING_HELD) -> None:
         """Live: fire timers due by ``now``, then apply a batch of events in order.
 
-        The profiles clicks may need are fetched first, in one round trip, and the
-        batch's rules read them from what the fetch returned.
+        ``profiles`` are profiles already read for this batch (by the router, which
+        reads a whole input batch's in one round trip). The profiles clicks may need
+        beyond those are fetched first, in one round trip, and the batch's rules read
+        them from what the two returned.
         """
         self.fire_due(now, out)
         if not isinstance(envs, list):
             envs = list(envs)
         clicks = [e.event.customer_id for e in envs if type(e.event) is ClickEvent]
+        if profiles:
+            clicks = [cid for cid in clicks if cid not in profiles]
+        held = profiles
+        if clicks:
+            fetched = self.profiles.prefetch(clicks)
+            if fetched:
+                held = {**profiles, **fetched} if profiles else fetched
         apply = self.apply
-        self._held = self.profiles.prefetch(clicks) if clicks else _NOTHING_HELD
+        self._held = held
         try:
             for env in envs:
                 apply(env, out)

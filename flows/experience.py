@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import bytewax.operators as op
@@ -31,13 +32,22 @@ from flows.engine import (
     Tick,
     VisitDone,
 )
-from flows.model import Alert, DeadLetter, Envelope, Limits, Push, RawRecord, decode_record
+from flows.model import (
+    Alert,
+    DeadLetter,
+    Envelope,
+    Limits,
+    Profile,
+    Push,
+    RawRecord,
+    decode_record,
+)
 from flows.rules import RulesError, RuleSet
 from flows.settings import Settings
 from state.guards import InMemoryQuotaStore, QuotaStore
 from state.profiles import ProfileStore
 
-__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardRouter", "build_flow",
+__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardBatch", "ShardRouter", "build_flow",
            "live_time_check", "system_now_ms"]
 
 RETAIN = False
@@ -108,8 +118,9 @@ def _dt(ms: int) -> datetime:
 class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
     """Bytewax shim over :class:`ShardEngine` (one per shard key).
 
-    Live, each value is a list of raw records of this shard (see :class:`ShardRouter`):
-    they are decoded here, after the exchange, so only bytes cross between workers.
+    Live, each value is a :class:`ShardBatch` of this shard (see :class:`ShardRouter`):
+    its raw records are decoded here, after the exchange, so only bytes cross between
+    workers, with the profiles the router already read for them.
     """
 
     def __init__(self, engine: ShardEngine, intake: LiveIntake | None,
@@ -133,7 +144,8 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
             if any(type(v) is RulesUpdate for v in values):  # per group, not per record
                 self._live_with_updates(values, now, out)
             else:
-                eng.on_live_batch(self.intake(values, now, out), now, out)
+                eng.on_live_batch(self.intake([b.records for b in values], now, out), now, out,
+                                  _profiles_of(values))
             self._live_stats(now, out)
             return out, RETAIN
         for v in values:
@@ -150,17 +162,19 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         """Groups before a rule change run with the old set, groups after with the new."""
         intake = self.intake
         assert intake is not None
-        run: list[Any] = []
+        run: list[ShardBatch] = []
         for v in values:
             if type(v) is RulesUpdate:
                 if run:
-                    self.engine.on_live_batch(intake(run, now, out), now, out)
+                    self.engine.on_live_batch(intake([b.records for b in run], now, out), now,
+                                              out, _profiles_of(run))
                     run = []
                 self._apply(v, out)
             else:
                 run.append(v)
         if run:
-            self.engine.on_live_batch(intake(run, now, out), now, out)
+            self.engine.on_live_batch(intake([b.records for b in run], now, out), now, out,
+                                      _profiles_of(run))
 
     def _apply(self, u: RulesUpdate, out: list[Any]) -> None:
         if u.version <= self.version:
@@ -333,6 +347,39 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
 # --- live intake: route raw records to shards, decode them there --------------------
 
 
+_NO_PROFILES: Mapping[str, Profile] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBatch:
+    """What a live router sends one shard: raw records of that shard in arrival order,
+    and the profiles it read for the customers of their clicks (by customer id).
+
+    The shard decodes the records and reads its rules' profiles from ``profiles``
+    instead of reading Redis again: on a multi-process cluster most shards run in
+    another process than the router, whose profile cache the router's read warmed.
+    """
+
+    records: list[RawRecord]
+    profiles: Mapping[str, Profile]
+
+    def __reduce__(self) -> tuple[type[ShardBatch], tuple[list[RawRecord], dict[str, Profile]]]:
+        # Pickled when the shard runs in another process (the empty map is a proxy,
+        # which does not pickle; a dict does).
+        return (ShardBatch, (self.records, dict(self.profiles)))
+
+
+def _profiles_of(batches: list[ShardBatch]) -> Mapping[str, Profile]:
+    """The profiles the router read for these batches of one shard (a later batch's
+    read wins: it is the fresher)."""
+    if len(batches) == 1:
+        return batches[0].profiles
+    merged: dict[str, Profile] = {}
+    for b in batches:
+        merged.update(b.profiles)
+    return merged
+
+
 @dataclass(frozen=True)
 class ShardRouter:
     """Live: group a batch of raw records by customer shard, without decoding them.
@@ -344,7 +391,8 @@ class ShardRouter:
 
     Clicks are what needs profiles: the customers of the records from the source
     ``clicks_source`` (``"topic/"`` prefix) get their profiles fetched here in one
-    round trip for the whole batch (``profiles.prefetch``), rather than one per shard.
+    round trip for the whole batch (``profiles.prefetch``), rather than one per shard,
+    and each shard's :class:`ShardBatch` carries what was read for its customers.
 
     With ``control``, a :class:`flows.control.RulesUpdate` in the batch (the accepted
     rule changes merged into the input) is sent to *every* shard key, in its place:
@@ -359,7 +407,7 @@ class ShardRouter:
     control: bool = False
 
     def __call__(self, records: list[Any]) -> list[tuple[str, Any]]:
-        """``[(shard key, records of that shard in arrival order | RulesUpdate), ...]``."""
+        """``[(shard key, ShardBatch | RulesUpdate), ...]``."""
         if self.control and any(type(r) is RulesUpdate for r in records):
             out: list[tuple[str, Any]] = []
             seg: list[RawRecord] = []
@@ -377,30 +425,46 @@ class ShardRouter:
         return self.route(records)
 
     def route(self, records: list[RawRecord]) -> list[tuple[str, Any]]:
-        """Raw records only: ``[(shard key, records of that shard in order), ...]``."""
+        """Raw records only: ``[(shard key, ShardBatch of that shard), ...]``."""
         shards = self.shards
         groups: dict[int, list[RawRecord]] = {}
         crc32 = zlib.crc32
-        clicks = self.clicks_source
-        if clicks is not None and self.profiles is not None:
-            # a key that cannot be a customer id (empty, or longer than the longest id in
-            # UTF-8) costs no lookup: decoding will dead-letter its record
-            longest = 4 * self.limits.max_customer_id_len
-            self.profiles.prefetch([r.key.decode("utf-8", "replace") for r in records
-                                    if r.key and len(r.key) <= longest
-                                    and r.source.startswith(clicks)])
+        clicks = self.clicks_source if self.profiles is not None else None
+        # a key that cannot be a customer id (empty, or longer than the longest id in
+        # UTF-8) costs no lookup: decoding will dead-letter its record
+        longest = 4 * self.limits.max_customer_id_len
+        wanted: list[tuple[int, str]] = []  # (shard, customer id) of each keyed click
         for rec in records:
             key = rec.key
             if key is None:
                 env = decode_record(rec, self.limits)
-                key = env.event.customer_id.encode() if type(env) is Envelope else b""
-            s = crc32(key) % shards
+                s = crc32(env.event.customer_id.encode() if type(env) is Envelope
+                          else b"") % shards
+            else:
+                s = crc32(key) % shards
+                if clicks is not None and key and len(key) <= longest and (
+                        rec.source.startswith(clicks)):
+                    wanted.append((s, key.decode("utf-8", "replace")))
             g = groups.get(s)
             if g is None:
                 groups[s] = [rec]
             else:
                 g.append(rec)
-        return [(shard_key(s), g) for s, g in groups.items()]
+        if not wanted:
+            return [(shard_key(s), ShardBatch(g, _NO_PROFILES)) for s, g in groups.items()]
+        assert self.profiles is not None
+        read = self.profiles.prefetch([cid for _, cid in wanted])
+        held: dict[int, dict[str, Profile]] = {}
+        for s, cid in wanted:
+            p = read.get(cid)
+            if p is not None:
+                h = held.get(s)
+                if h is None:
+                    held[s] = {cid: p}
+                else:
+                    h[cid] = p
+        return [(shard_key(s), ShardBatch(g, held.get(s, _NO_PROFILES)))
+                for s, g in groups.items()]
 
 
 @dataclass(frozen=True)

@@ -1062,7 +1062,7 @@ def _engine_run(records: Iterator[RawRecord]) -> tuple[dict[str, bytes],
             if eng is None:
                 eng = engines[key] = ShardEngine(-1, rules, profiles, config)
             out: list[Any] = []
-            eng.on_live_batch(INTAKE([group], NOW, out), NOW, out)
+            eng.on_live_batch(INTAKE([group.records], NOW, out), NOW, out, group.profiles)
             kept = [x for x in out if type(x) is not DeadLetter]
             if kept:
                 outputs.setdefault(key, []).extend(kept)

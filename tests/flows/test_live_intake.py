@@ -13,7 +13,7 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from flows.aggregates import shard_key
 from flows.codec import json_dumps
 from flows.engine import EngineConfig, ShardEngine, shard_of
-from flows.experience import LiveIntake, Outputs, ShardRouter, build_flow
+from flows.experience import LiveIntake, Outputs, ShardBatch, ShardRouter, build_flow
 from flows.model import DEFAULT_LIMITS, DeadLetter, Envelope, Profile, RawRecord
 from flows.rules import load_default_rules
 from flows.runner import tune_gc
@@ -54,7 +54,7 @@ class SpyProfiles(InMemoryProfileStore):
 def test_router_groups_by_key_shard_keeping_arrival_order() -> None:
     router = ShardRouter(8, DEFAULT_LIMITS)
     records = [rec(calls(f"c{i % 5}"), key=f"c{i % 5}".encode(), pos=i) for i in range(40)]
-    groups = dict(router(records))
+    groups = {k: b.records for k, b in router(records)}
     assert sum(len(g) for g in groups.values()) == 40
     for key, group in groups.items():
         for r in group:
@@ -65,7 +65,7 @@ def test_router_groups_by_key_shard_keeping_arrival_order() -> None:
 
 def test_router_decodes_keyless_records_and_sends_garbage_to_shard_zero() -> None:
     router = ShardRouter(8, DEFAULT_LIMITS)
-    groups = dict(router([rec(calls("c7")), rec(b"{not json")]))
+    groups = {k: b.records for k, b in router([rec(calls("c7")), rec(b"{not json")])}
     assert groups[shard_key(shard_of("c7", 8))][0].value == json_dumps(calls("c7"))
     assert any(r.value == b"{not json" for r in groups[shard_key(shard_of("", 8))])
 
@@ -137,6 +137,113 @@ class HoldingProfiles(InMemoryProfileStore):
 
     def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
         return {c: self.held[c] for c in customer_ids if c in self.held}
+
+
+class CountingProfiles(HoldingProfiles):
+    """:class:`HoldingProfiles` that records every prefetch call (thread-safe enough for
+    workers in one process: list appends)."""
+
+    def __init__(self, held: Iterable[Profile]) -> None:
+        super().__init__(held)
+        self.prefetched: list[list[str]] = []
+
+    def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
+        ids = list(customer_ids)
+        self.prefetched.append(ids)
+        return super().prefetch(ids)
+
+
+def click_rec(cid: str, pos: int = 0) -> RawRecord:
+    return rec(session_start(cid), key=cid.encode(), source="touch.clicks/0", pos=pos)
+
+
+def test_router_hands_each_shard_the_profiles_it_read_for_that_shards_clicks() -> None:
+    held = [Profile(c, subscriptions=frozenset({"care_link"})) for c in ("a", "c", "b")]
+    store = CountingProfiles(held)
+    router = ShardRouter(8, DEFAULT_LIMITS, store, "touch.clicks/")
+    out = router([click_rec("a", 0), rec(calls("b"), key=b"b", pos=1), click_rec("c", 2),
+                  click_rec("a", 3), click_rec("z", 4)])
+    assert store.prefetched == [["a", "c", "a", "z"]]  # one read for the batch, clicks only
+    by_shard = dict(out)
+    assert all(type(b) is ShardBatch for b in by_shard.values())
+    for batch in by_shard.values():
+        clicking = {r.key.decode() for r in batch.records  # type: ignore[union-attr]
+                    if r.source.startswith("touch.clicks/")}
+        # what the store returned for this shard's clicking customers, nothing else
+        # ("z": the store has nothing; "b": no click, so not read)
+        assert dict(batch.profiles) == {c: store.held[c] for c in clicking if c in store.held}
+    assert sum(len(b.profiles) for b in by_shard.values()) == 2
+
+
+def test_router_without_clicks_or_store_reads_nothing_and_hands_nothing() -> None:
+    store = CountingProfiles([Profile("b")])
+    with_store = ShardRouter(8, DEFAULT_LIMITS, store, "touch.clicks/")
+    no_store = ShardRouter(8, DEFAULT_LIMITS)
+    for router in (with_store, no_store):
+        out = router([rec(calls("b"), key=b"b"), rec(calls("c"))])
+        assert all(len(b.profiles) == 0 for _, b in out)
+    assert store.prefetched == []
+
+
+def test_live_batch_reads_what_the_router_handed_it_and_prefetches_only_the_rest() -> None:
+    store = CountingProfiles([Profile("b", subscriptions=frozenset({"care_link"}))])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    envs = intake([[click_rec("a"), click_rec("b", 1)]], NOW, out)
+    handed = {"a": Profile("a", subscriptions=frozenset({"care_link"}))}
+    eng.on_live_batch(envs, NOW, out, handed)
+    assert store.prefetched == [["b"]]  # "a" came with the batch
+    assert store.gets == []  # no rule went back to the store
+    assert sorted(p.customer_id for p in out if getattr(p, "rule_id", None) == "setup-first") \
+        == ["a", "b"]
+
+
+def test_live_batch_with_every_profile_handed_reads_no_store() -> None:
+    store = CountingProfiles([])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    handed = {"a": Profile("a", subscriptions=frozenset({"care_link"}))}
+    eng.on_live_batch(intake([[click_rec("a"), rec(calls("x"), key=b"x")]], NOW, out), NOW,
+                      out, handed)
+    assert store.prefetched == [] and store.gets == []
+    assert [p.rule_id for p in out if hasattr(p, "rule_id")] == ["setup-first"]
+
+
+def test_shard_batches_and_profiles_pickle_round_trip_for_the_exchange() -> None:
+    import pickle
+
+    p = Profile("a", subscriptions=frozenset({"music", "care_link"}),
+                configured=frozenset({"music"}), handset="h", segment="s",
+                prefs={"music": ("jazz", "folk")}, opt_out=True, trials={"x": 5})
+    assert pickle.loads(pickle.dumps(p)) == p
+    router = ShardRouter(8, DEFAULT_LIMITS, CountingProfiles([p]), "touch.clicks/")
+    for _, batch in router([click_rec("a"), rec(calls("b"), key=b"b")]):
+        back = pickle.loads(pickle.dumps(batch))
+        assert back.records == batch.records
+        assert dict(back.profiles) == dict(batch.profiles)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_live_flow_shards_use_the_profiles_the_router_read(workers: int) -> None:
+    """Each clicking customer's profile is read once, by the router (a shard reading
+    it again would list it twice), and the rules see it (``get`` knows nobody)."""
+    ids = [f"s{i}" for i in range(20)]
+    store = CountingProfiles([Profile(c, subscriptions=frozenset({"care_link"})) for c in ids])
+    pushes: list[Any] = []
+    flow = build_flow(
+        Settings(), source=TestingSource([click_rec(c, i) for i, c in enumerate(ids)],
+                                         batch_size=3),
+        outputs=Outputs(pushes=[TestingSink(pushes)]), rules=load_default_rules(),
+        profiles=store, now_ms=lambda: NOW)
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    assert sorted(c for call in store.prefetched for c in call) == sorted(ids)
+    assert store.gets == []
+    assert sorted(p.customer_id for p in pushes) == sorted(ids)
 
 
 def test_live_batch_rules_read_the_profiles_the_prefetch_returned() -> None:
