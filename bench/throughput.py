@@ -78,6 +78,9 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
 NOTES = (
     "rate = events / (last record processed - first record received): start-up, "
     "group joins and the idle wait before a finite source ends are excluded",
+    "time in GC: the share of that window the contender's processes spent in Python's "
+    "garbage collector (bench/gcstats.py); touchstream tunes its collector "
+    "(flows.runner.tune_gc), the bare Bytewax and Quix counts run with Python's defaults",
     "faust: skipped (optional peer; faust-streaming is not installed)",
 )
 
@@ -126,6 +129,20 @@ def _rate_figure(result: PartResult, label: str) -> Figure:
     return result.figure(name, "events/s", target=TARGETS.get(name, ""))
 
 
+def _gc_figure(result: PartResult, label: str) -> Figure:
+    return result.figure(f"{label} time in GC", "share", higher_is_better=False)
+
+
+def gc_share(doc: dict[str, Any], processes: int) -> float | None:
+    """The share of a contender's measured window its processes spent in Python's
+    garbage collector (``bench.gcstats``), or None if it did not record it."""
+    gc_s = doc.get("gc_s")
+    seconds = float(doc.get("seconds", 0.0))
+    if gc_s is None or seconds <= 0:
+        return None
+    return float(gc_s) / (seconds * processes)
+
+
 def run(ctx: BenchContext) -> PartResult:
     """Measure every available contender ``ctx.runs`` times on fresh datasets."""
     size = QUICK if ctx.quick else FULL
@@ -156,6 +173,8 @@ def run(ctx: BenchContext) -> PartResult:
     ratios = [r for r in RATIOS if r[1] in labels and r[2] in labels]
     for name, _, _ in ratios:
         result.figure(name, "ratio", target=TARGETS.get(name, ""))
+    for c in contenders:
+        _gc_figure(result, c.label)
 
     runs: list[dict[str, Any]] = []
     result.extra["runs"] = runs
@@ -195,6 +214,9 @@ def run(ctx: BenchContext) -> PartResult:
                 run_doc["results"][c.label] = doc
                 rates[c.label] = float(doc["rate"])
                 _rate_figure(result, c.label).values.append(rates[c.label])
+                share = gc_share(doc, c.processes)
+                if share is not None:
+                    _gc_figure(result, c.label).values.append(share)
         finally:
             try:
                 delete_dataset(ds)

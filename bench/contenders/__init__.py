@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import gcstats
 from bench.timing import Timing
 
 __all__ = [
@@ -99,9 +100,17 @@ def scratch_dir(result: Path) -> Path:
     return d
 
 
-def write_result(result: Path, timing: Timing, **extra: Any) -> dict[str, Any]:
-    """Write ``{"events", "seconds", "rate", "first", "last", **extra}`` to ``result``."""
+def write_result(result: Path, timing: Timing, gc_dir: Path | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """Write ``{"events", "seconds", "rate", "first", "last", **extra}`` to ``result``.
+
+    Where the contender called :func:`bench.gcstats.install`, the time its processes
+    spent in the garbage collector within the window is added (``gc_s``, ``gc_full_s``,
+    ``gc_collections``; other processes' records are read from ``gc_dir``).
+    """
     doc = {**timing.to_json(), **extra}
+    if gcstats.installed():
+        doc.update(gcstats.in_window(timing.first, timing.last, gc_dir))
     result.parent.mkdir(parents=True, exist_ok=True)
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))

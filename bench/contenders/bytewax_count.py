@@ -27,6 +27,7 @@ from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import cluster_main, run_main
 
+from bench import gcstats
 from bench.contenders import parse_args, scratch_dir, write_result
 from bench.services import free_port
 from bench.timing import TimedSource, read_timings
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the flow (or one process of the cluster), then write the timing."""
     args = parse_args(argv, __doc__, _own_args)
     timing_dir = scratch_dir(args.result) / "timing"
+    gcstats.install(timing_dir)  # each process of a cluster writes its collections there
     proc_id = args.extra.process_id
     if proc_id is not None:  # one member of a cluster started below
         flow = build_flow(args.brokers, args.topics, timing_dir)
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"cluster processes exited with {codes}")
-    write_result(args.result, read_timings(timing_dir), processes=args.processes)
+    write_result(args.result, read_timings(timing_dir), gc_dir=timing_dir,
+                 processes=args.processes)
     return 0
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from bench import gcstats
 from bench.contenders import parse_args, write_result
 from bench.timing import Stopwatch
 
@@ -25,6 +26,7 @@ START_GIVE_UP_S = 60.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Consume ``--expect`` events, decode each, write the timing."""
+    gcstats.install()
     args = parse_args(argv, __doc__)
     if args.processes != 1:
         raise SystemExit("limit runs on one process only")

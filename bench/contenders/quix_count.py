@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from bench import gcstats
 from bench.contenders import parse_args, scratch_dir, write_result
 from bench.timing import Timing
 
@@ -55,6 +56,7 @@ def _own_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Count per key until ``--expect`` events went through, then write the timing."""
+    gcstats.install()
     args = parse_args(argv, __doc__, _own_args)
     if args.processes != 1:
         raise SystemExit("quix_count runs on one process only")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import redis
 
+from bench import gcstats
 from bench.contenders import ContenderArgs, parse_args, scratch_dir, write_result
 from bench.services import free_port
 from bench.timing import TimedSource, read_timings
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.redis:
         raise SystemExit("the touchstream contender needs --redis (profiles live there)")
     timing_dir = scratch_dir(args.result) / "timing"
+    gcstats.install(timing_dir)  # each process of a cluster writes its collections there
     base = settings_for(args, args.topics)
     proc_id = args.extra.process_id
     if proc_id is not None:  # one member of the cluster started below
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(codes):
             raise SystemExit(f"cluster processes exited with {codes}")
     pushes = _count_pushes(args.redis)
-    write_result(args.result, read_timings(timing_dir), processes=args.processes,
+    write_result(args.result, read_timings(timing_dir), gc_dir=timing_dir, processes=args.processes,
                  push_streams=pushes)
     return 0
 

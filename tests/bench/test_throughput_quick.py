@@ -42,6 +42,12 @@ def test_throughput_quick(tansu: str, redis_server: str, tmp_path: Path) -> None
     for label in ran:
         assert len(figures[f"{label} events/s"]["values"]) == 1
         assert figures[f"{label} events/s"]["median"] > 0
+    for label in ran:
+        # every contender records its processes' garbage collection in the window
+        gc_fig = figures[f"{label} time in GC"]
+        assert gc_fig["unit"] == "share" and len(gc_fig["values"]) == 1, label
+        assert 0 <= gc_fig["values"][0] < 1, label
+        assert {"gc_s", "gc_full_s", "gc_collections"} <= set(run["results"][label]), label
     for name in ("bytewax/limit", "quix/bytewax"):
         assert figures[name]["unit"] == "ratio"
         assert len(figures[name]["values"]) == 1 and figures[name]["values"][0] > 0
