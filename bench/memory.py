@@ -166,6 +166,9 @@ class SyntheticProfiles:
         """Nothing to fetch (an empty map: the engine calls :meth:`get`)."""
         return {}
 
+    def remember(self, profiles: Mapping[str, Profile]) -> None:
+        """Nothing is kept."""
+
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Nothing is stored."""
         return sum(1 for _ in profiles)

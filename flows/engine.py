@@ -420,6 +420,8 @@ class ShardEngine:
         if profiles:
             clicks = [cid for cid in clicks if cid not in profiles]
         held = profiles
+        if profiles:
+            self.profiles.remember(profiles)  # last known here, for an outage
         if clicks:
             fetched = self.profiles.prefetch(clicks)
             if fetched:

@@ -42,6 +42,17 @@ class ProfileStore(Protocol):
         """
         ...
 
+    def remember(self, profiles: Mapping[str, Profile]) -> None:
+        """Profiles another part of the flow read for this batch (the live router,
+        maybe in another process), by customer id.
+
+        A store with a cache keeps them as the last known profiles, to serve while its
+        backend is unreachable, but not as freshly read ones: :meth:`get` still reads
+        the backend for them once nothing fresher is cached. A store without a cache
+        ignores them.
+        """
+        ...
+
 
 class InMemoryProfileStore:
     """A dict of profiles; the embedded default and the replay store."""
@@ -62,6 +73,9 @@ class InMemoryProfileStore:
     def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
         """Nothing to warm: every profile is in memory (an empty map)."""
         return {}
+
+    def remember(self, profiles: Mapping[str, Profile]) -> None:
+        """Nothing to keep: every profile is in memory."""
 
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Store profiles; return how many were stored."""

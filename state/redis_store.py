@@ -694,6 +694,29 @@ class RedisProfileStore:
         every one of them by customer id (see :meth:`get_many`)."""
         return self.get_many(customer_ids)
 
+    def remember(self, profiles: Mapping[str, Profile]) -> None:
+        """Keep profiles the flow read elsewhere for this batch (the live router, maybe
+        in another process) as the last known ones, for while Redis is unreachable.
+
+        They enter the cache already expired, so :meth:`get` still reads Redis for them
+        and the cache's age bound holds; a fresh entry is left as it is. Without them, a
+        shard on another process than the router would know nothing of a customer whose
+        clicks it handled, and a timer's rule would wait for Redis during an outage.
+        """
+        if not profiles or self._ttl <= 0 or self._max <= 0:
+            return
+        now = self._now()
+        with self._lock:
+            cache = self._cache
+            for cid, profile in profiles.items():
+                entry = cache.get(cid)
+                if entry is not None and entry[0] > now:
+                    continue  # fresher than anything handed in
+                cache[cid] = (now, profile)
+                cache.move_to_end(cid)
+            while len(cache) > self._max:
+                cache.popitem(last=False)
+
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Replace whole profiles in one round trip; return how many.
 

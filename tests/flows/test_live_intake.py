@@ -146,6 +146,10 @@ class CountingProfiles(HoldingProfiles):
     def __init__(self, held: Iterable[Profile]) -> None:
         super().__init__(held)
         self.prefetched: list[list[str]] = []
+        self.remembered: list[dict[str, Profile]] = []
+
+    def remember(self, profiles: Mapping[str, Profile]) -> None:
+        self.remembered.append(dict(profiles))
 
     def prefetch(self, customer_ids: Iterable[str]) -> Mapping[str, Profile]:
         ids = list(customer_ids)
@@ -194,6 +198,7 @@ def test_live_batch_reads_what_the_router_handed_it_and_prefetches_only_the_rest
     handed = {"a": Profile("a", subscriptions=frozenset({"care_link"}))}
     eng.on_live_batch(envs, NOW, out, handed)
     assert store.prefetched == [["b"]]  # "a" came with the batch
+    assert store.remembered == [handed]  # and is known here, should Redis go away
     assert store.gets == []  # no rule went back to the store
     assert sorted(p.customer_id for p in out if getattr(p, "rule_id", None) == "setup-first") \
         == ["a", "b"]

@@ -547,6 +547,45 @@ def test_guard_once_key_is_atomic_under_concurrency(redis_url: str) -> None:
 # --- profiles while Redis is unreachable -------------------------------------------------
 
 
+def test_profiles_read_elsewhere_are_last_known_here_but_never_fresh(
+    own_redis: PersistentRedis,
+) -> None:
+    """What another process's router read (``remember``) is served while Redis is down,
+    not while it is up: a read still goes to Redis, and a fresh entry is kept."""
+    clock = Clock()
+    c = fast_client(own_redis.url)
+    writer = RedisProfileStore(c, cache_ttl_s=0)
+    writer.put_many([Profile("C1", segment="gold"), Profile("C2", segment="gold"),
+                     Profile("C3", segment="gold")])
+    store = RedisProfileStore(c, cache_ttl_s=5.0, now=clock, retry_interval_s=0.05)
+    assert store.get("C3") == Profile("C3", segment="gold")  # fresh in the cache now
+
+    store.remember({"C1": Profile("C1", segment="router's copy")})
+    # not fresh: the store reads Redis (a different profile there proves it)
+    assert store.get("C1") == Profile("C1", segment="gold")
+    store.remember({"C3": Profile("C3", segment="router's copy")})
+    hits = store.cache_hits
+    assert store.get("C3") == Profile("C3", segment="gold")  # the fresh entry stayed
+    assert store.cache_hits == hits + 1
+
+    store.remember({"C2": Profile("C2", segment="router's copy")})
+    own_redis.stop()
+    # C2 was never read here, but the router's copy is known: served, no wait
+    assert store.get("C2") == Profile("C2", segment="router's copy")
+    assert store.stale_served == 1 and store.unreachable_waits == 0
+    store.close()
+    c.close()
+
+
+def test_remember_respects_a_disabled_cache_and_its_bound(client: CountingRedis) -> None:
+    off = RedisProfileStore(client, cache_ttl_s=0)
+    off.remember({"A": Profile("A")})
+    assert off.stats()["cache_hits"] == 0 and not off._cache
+    small = RedisProfileStore(client, cache_ttl_s=5.0, max_cached=2)
+    small.remember({c: Profile(c) for c in ("A", "B", "C")})
+    assert list(small._cache) == ["B", "C"]  # the oldest went
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
     """A persistent redis-server of this test alone, to stop and start again."""
