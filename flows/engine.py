@@ -417,11 +417,10 @@ class ShardEngine:
         if not isinstance(envs, list):
             envs = list(envs)
         clicks = [e.event.customer_id for e in envs if type(e.event) is ClickEvent]
-        if profiles:
-            clicks = [cid for cid in clicks if cid not in profiles]
         held = profiles
         if profiles:
             self.profiles.remember(profiles)  # last known here, for an outage
+            clicks = [cid for cid in clicks if cid not in profiles]
         if clicks:
             fetched = self.profiles.prefetch(clicks)
             if fetched:

@@ -356,8 +356,9 @@ class ShardBatch:
     and the profiles it read for the customers of their clicks (by customer id).
 
     The shard decodes the records and reads its rules' profiles from ``profiles``
-    instead of reading Redis again: on a multi-process cluster most shards run in
-    another process than the router, whose profile cache the router's read warmed.
+    instead of reading Redis again: on a multi-process cluster a shard may run in
+    another process than the router, whose profile cache the router's read warmed
+    (on 2 processes, about half of them do).
     """
 
     records: list[RawRecord]
