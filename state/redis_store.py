@@ -561,14 +561,17 @@ class RedisProfileStore:
             self.stale_served += 1
             return entry[1]
 
-    def _remember(self, profile: Profile, now: float) -> None:
+    def _put(self, entries: Iterable[tuple[str, float, Profile]]) -> None:
+        """Cache these (customer id, expiry, profile) entries as the most recent ones,
+        then evict the least recent past the size bound. The caller holds the lock."""
         if self._ttl <= 0 or self._max <= 0:
-            return
-        with self._lock:
-            self._cache[profile.customer_id] = (now + self._ttl, profile)
-            self._cache.move_to_end(profile.customer_id)
-            while len(self._cache) > self._max:
-                self._cache.popitem(last=False)
+            return  # the cache is off
+        cache = self._cache
+        for cid, expiry, profile in entries:
+            cache[cid] = (expiry, profile)
+            cache.move_to_end(cid)
+        while len(cache) > self._max:
+            cache.popitem(last=False)
 
     def _decode(self, customer_id: str, values: Sequence[bytes | str | None] | None) -> Profile:
         try:
@@ -624,10 +627,11 @@ class RedisProfileStore:
                 except UNAVAILABLE as exc:
                     self.health.mark_down(exc)
                 else:
-                    for cid, values in zip(todo, replies, strict=True):
-                        profile = self._decode(cid, values)
-                        self._remember(profile, now)
-                        out[cid] = profile
+                    read = [(cid, now + self._ttl, self._decode(cid, values))
+                            for cid, values in zip(todo, replies, strict=True)]
+                    with self._lock:  # once per batch (out may hold stale ones too)
+                        self._put(read)
+                    out.update((cid, profile) for cid, _, profile in read)
                     return out
             rest: list[str] = []
             for cid in todo:
@@ -708,14 +712,9 @@ class RedisProfileStore:
         now = self._now()
         with self._lock:
             cache = self._cache
-            for cid, profile in profiles.items():
-                entry = cache.get(cid)
-                if entry is not None and entry[0] > now:
-                    continue  # fresher than anything handed in
-                cache[cid] = (now, profile)
-                cache.move_to_end(cid)
-            while len(cache) > self._max:
-                cache.popitem(last=False)
+            stale = [(cid, now, profile) for cid, profile in profiles.items()
+                     if (entry := cache.get(cid)) is None or entry[0] <= now]
+            self._put(stale)  # a fresh entry is fresher than anything handed in
 
     def put_many(self, profiles: Iterable[Profile]) -> int:
         """Replace whole profiles in one round trip; return how many.

@@ -630,3 +630,33 @@ def test_outage_serves_last_known_profiles_and_waits_for_unknown_ones(
     assert store.stats()["redis_errors"] >= 1
     store.close()
     c.close()
+
+
+def test_a_batch_that_served_stale_profiles_caches_only_what_it_read(
+    own_redis: PersistentRedis,
+) -> None:
+    """A batch waits for its unknown customers while it serves the known ones stale;
+    when Redis is back, only what it read there becomes fresh in the cache."""
+    clock = Clock()
+    c = fast_client(own_redis.url)
+    store = RedisProfileStore(c, cache_ttl_s=5.0, now=clock, retry_interval_s=0.05)
+    store.put_many([Profile("C1", segment="gold"), Profile("C2", opt_out=True)])
+    assert store.get("C1") == Profile("C1", segment="gold")
+    clock.t += 60  # C1's copy has expired
+    own_redis.stop()
+    got: list[dict[str, Profile]] = []
+    reader = threading.Thread(target=lambda: got.append(store.get_many(["C1", "C2"])))
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive()  # C1 is known (stale), C2 is not: the batch waits
+    own_redis.start()
+    reader.join(15)
+    assert got == [{"C1": Profile("C1", segment="gold"), "C2": Profile("C2", opt_out=True)}]
+    assert store.stale_served == 1
+    writer = RedisProfileStore(c, cache_ttl_s=0)
+    writer.put_many([Profile("C1", segment="silver"), Profile("C2", segment="silver")])
+    # C1 was served stale, not read: not fresh, so the next read goes to Redis; C2 is
+    assert store.get("C1") == Profile("C1", segment="silver")
+    assert store.get("C2") == Profile("C2", opt_out=True)
+    store.close()
+    c.close()
