@@ -59,7 +59,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -102,6 +102,17 @@ TOPIC_FIELDS = ("clicks", "location", "calls", "pushes", "alerts", "alerts_dlq",
                 "dead_letters", "stats")
 READER_CHUNK = 800
 """Most streams one reader process XREADs."""
+
+StreamEntries = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+"""An ``XREAD`` reply of a client without ``decode_responses``: per stream, its
+entries as (entry id, fields)."""
+
+
+def _xread(client: redis.Redis, last: dict[bytes, bytes], block_ms: int) -> StreamEntries:
+    """``XREAD BLOCK block_ms`` from the entries after ``last`` (stream -> entry id);
+    an empty list when nothing arrived in time."""
+    reply = client.xread(last, block=block_ms)  # type: ignore[arg-type]
+    return cast(StreamEntries, reply or [])
 
 
 @dataclass(frozen=True)
@@ -202,7 +213,7 @@ def _redis_reader(url: str, streams: list[str], stop: Any, ready: Any, out: Any)
     ready.set()
     try:
         while not stop.is_set():
-            reply = client.xread(last, block=200)  # type: ignore[arg-type]
+            reply = _xread(client, last, 200)
             seen = time.time_ns()
             if not reply:
                 continue
@@ -495,9 +506,8 @@ class _Probe:
             left = timeout_s - (time.monotonic() - t0)
             if left <= 0:
                 return None
-            reply = self.client.xread(streams,  # type: ignore[arg-type]
-                                      block=int(min(left, 0.5) * 1000) or 1)
-            for key, entries in reply or ():
+            reply = _xread(self.client, streams, int(min(left, 0.5) * 1000) or 1)
+            for key, entries in reply:
                 for eid, fields in entries:
                     streams[key] = eid
                     if key == self.terminal:
@@ -530,8 +540,8 @@ def _await_help(client: redis.Redis, engine: _Engine, streams: list[str], expect
         wait = timeout_s - (time.monotonic() - t0)
         if wait <= 0:
             return None
-        reply = client.xread(last, block=int(min(wait, 0.5) * 1000) or 1)  # type: ignore[arg-type]
-        for key, entries in reply or ():
+        reply = _xread(client, last, int(min(wait, 0.5) * 1000) or 1)
+        for key, entries in reply:
             for eid, fields in entries:
                 last[key] = eid
                 doc = orjson.loads(fields[b"data"])

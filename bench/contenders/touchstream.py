@@ -77,9 +77,9 @@ def settings_for(args: ContenderArgs, topics: Sequence[str]) -> Settings:
     }
     # Recovery (on by default with Kafka) is off: the figures are the flow's own cost;
     # snapshots are measured separately (bench/README.md).
-    return Settings(mode="live", kafka=kafka,  # type: ignore[arg-type]
-                    redis={"url": args.redis} if args.redis else {},  # type: ignore[arg-type]
-                    recovery={"enabled": False})  # type: ignore[arg-type]
+    return Settings(mode="live", kafka=kafka,
+                    redis={"url": args.redis} if args.redis else {},
+                    recovery={"enabled": False})
 
 
 def _by_kind(topics: Sequence[str]) -> tuple[str, str, str]:
