@@ -1168,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     def go(brokers: str, redis_url: str) -> PartResult:
         ctx = BenchContext(brokers=brokers, redis_url=redis_url, quick=args.quick,
                            runs=args.runs, results_dir=args.results_dir, work_dir=work,
-                           date=dt.date.today().isoformat())
+                           date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
         res = (compare_kafka_settings(ctx, args.kafka_settings) if args.compare_kafka_settings
                else run(ctx, profile_engine=args.profile))
         path = ctx.results_path(res.part)

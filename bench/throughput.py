@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         brokers, redis_url = stack.enter_context(services(work / "services"))
         ctx = BenchContext(brokers, redis_url, args.quick, runs, args.results_dir, work,
-                           datetime.now().strftime("%Y-%m-%d"))
+                           datetime.now(UTC).strftime("%Y-%m-%d"))
         result = run(ctx)
     doc = result.to_json()
     out = ctx.results_path(PART)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -130,7 +130,7 @@ class _WorkerRecorder:
 
     def write(self) -> None:
         doc = {**self.watch.to_json(), "pid": os.getpid(),
-               "written": datetime.now().isoformat(timespec="milliseconds")}
+               "written": datetime.now(UTC).isoformat(timespec="milliseconds")}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.path)
