@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -59,7 +60,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flows.masking import mask_id
 from gateway import logsafe
-from gateway.hub import Hub, Subscription
+from gateway.hub import GatewayRedis, Hub, Subscription
 from gateway.metrics import gateway_registry, metrics_endpoint
 from gateway.ops import ops_routes
 from gateway.settings import GatewaySettings
@@ -96,11 +97,13 @@ def terminal_view(doc: Mapping[str, Any], customer_id: str = "mask") -> dict[str
     return out
 
 
-def make_redis(settings: GatewaySettings) -> Redis:
+def make_redis(settings: GatewaySettings) -> GatewayRedis:
     """The shared async client: a blocking pool of ``redis_pool_size`` connections.
 
-    With the ACL user, password and TLS files of the settings
-    (:func:`state.redis_store.redis_options` checks them as the engine's).
+    With ``redis_cluster``, redis-py's async cluster client, at most
+    ``redis_pool_size`` connections per node (the hub bounds its reads to fit, see
+    :class:`~gateway.hub.Hub`). With the ACL user, password and TLS files of the
+    settings (:func:`state.redis_store.redis_options` checks them as the engine's).
     """
     if settings.redis_url is None:
         raise ValueError("redis_url is not set (TOUCHSTREAM_GATEWAY_REDIS_URL)")
@@ -109,6 +112,15 @@ def make_redis(settings: GatewaySettings) -> Redis:
         url, username=settings.redis_username, password=settings.redis_auth_password(),
         tls_ca_file=settings.redis_tls_ca_file, tls_cert_file=settings.redis_tls_cert_file,
         tls_key_file=settings.redis_tls_key_file, names="redis_")
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url,
+            **options,
+            max_connections=settings.redis_pool_size,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_keepalive=True,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         **options,
@@ -144,15 +156,19 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        redis: Redis | None = None,
+        redis: GatewayRedis | None = None,
         signer: TokenSigner | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis if redis is not None else make_redis(settings)
         self.signer = signer if signer is not None else TokenSigner.from_settings(settings)
+        cluster = isinstance(self.redis, RedisCluster)
         self.hub = Hub(self.redis, prefix=settings.stream_prefix,
                        max_queued=settings.max_queued,
-                       idle_ping_s=max(settings.heartbeat_s, 5.0))
+                       idle_ping_s=max(settings.heartbeat_s, 5.0),
+                       # a node's pool: the listener's connection, the rest for reads
+                       max_reads=settings.redis_pool_size - 1 if cluster else None,
+                       read_wait_s=settings.redis_timeout_s)
         self.stats: Counter[str] = Counter()
         self.open_streams = 0
         self.started_at = datetime.now(UTC)
@@ -180,7 +196,8 @@ class Gateway:
                 await self._hub_task
             self._hub_task = None
         await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        if isinstance(self.redis, Redis):
+            await self.redis.connection_pool.disconnect()
 
     async def ready(self) -> bool:
         """True if Redis answers PING within ``redis_timeout_s``."""

@@ -74,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve  # noqa: PLC0415 (the web stack only when serving)
 
     settings = load_gateway_settings(args.config, host=args.host, port=args.port,
-                                     redis_url=args.redis)
+                                     redis_url=args.redis,
+                                     redis_cluster=True if args.redis_cluster else None)
     return serve(settings)
 
 
@@ -96,5 +97,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     srv.add_argument("--redis", metavar="URL", type=redis_url_flag,
                      help="redis://[USER@]HOST:PORT/DB (rediss:// for TLS) of the push streams; "
                      "no password here: TOUCHSTREAM_GATEWAY_REDIS_PASSWORD_FILE")
+    srv.add_argument("--redis-cluster", action="store_true",
+                     help="--redis names one node of a Redis Cluster (default: redis_cluster)")
     srv.add_argument("--config", type=Path, help="gateway TOML settings file")
     srv.set_defaults(func=cmd_serve)

@@ -32,15 +32,22 @@ its last id loses nothing the stream still holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-__all__ = ["Entry", "Hub", "Subscription", "parse_xread"]
+__all__ = ["Entry", "GatewayRedis", "Hub", "Subscription", "open_pubsub", "parse_xread"]
+
+GatewayRedis = Redis | RedisCluster
+"""The gateway's async client: one Redis, or a Redis Cluster (``redis_cluster``)."""
 
 log = logging.getLogger("touchstream.gateway.hub")
 
@@ -116,25 +123,45 @@ def parse_xread(reply: Any) -> list[Entry]:
     return out
 
 
+async def open_pubsub(redis: GatewayRedis) -> PubSub:
+    """A pub/sub object of ``redis`` that ignores subscribe messages. A cluster client
+    learns the slots first: its pub/sub picks a node by them (a ``PUBLISH`` reaches
+    every node, so any node hears all of them)."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+    return redis.pubsub(ignore_subscribe_messages=True)
+
+
 class Hub:
     """Fans pub/sub wake-ups out to the subscriptions of this process.
 
     ``redis`` is the shared client (its pool serves the reads); the listener takes one
     more connection from it for ``PSUBSCRIBE <prefix><pattern>``. Run :meth:`run` as a
     task for the life of the process.
+
+    ``max_reads`` bounds the reads in flight; one more waits for a free slot, up to
+    ``read_wait_s`` (then ``TimeoutError``, an ``OSError``). A single Redis needs no
+    bound (its blocking pool makes a read wait for a connection). A cluster client's
+    pool per node does not wait, it fails the read, so the gateway bounds it here.
+    On a cluster a ``PUBLISH`` reaches every node, so the listener, on one node,
+    hears the pushes of every slot.
     """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: GatewayRedis,
         *,
         prefix: str = "push:",
         pattern: str = "terminal:*",
         max_queued: int = 256,
         idle_ping_s: float = 30.0,
         reconnect_max_s: float = 5.0,
+        max_reads: int | None = None,
+        read_wait_s: float = 5.0,
     ) -> None:
         self._redis = redis
+        self._reads = asyncio.Semaphore(max_reads) if max_reads else None
+        self._read_wait_s = read_wait_s
         self.prefix = prefix
         self.pattern = prefix + pattern
         self.max_queued = max_queued
@@ -197,20 +224,46 @@ class Hub:
 
     # --- Redis ---------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _read_slot(self) -> AsyncIterator[None]:
+        if self._reads is None:
+            yield
+            return
+        async with asyncio.timeout(self._read_wait_s):
+            await self._reads.acquire()
+        try:
+            yield
+        finally:
+            self._reads.release()
+
     async def read(self, key: str, last_id: str, count: int) -> list[Entry]:
         """Up to ``count`` entries of ``key`` after ``last_id`` (non-blocking)."""
-        return parse_xread(await self._redis.xread({key: last_id}, count=count))
+        async with self._read_slot():
+            return parse_xread(await self._redis.xread({key: last_id}, count=count))
 
     async def tail_id(self, key: str) -> str:
         """The id of the newest entry of ``key`` (``0-0`` if it is empty or missing)."""
-        reply = await self._redis.xrevrange(key, "+", "-", count=1)
+        async with self._read_slot():
+            reply = await self._redis.xrevrange(key, "+", "-", count=1)
         return _text(reply[0][0]) if reply else "0-0"
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.listening:
+            log.warning("push listener lost Redis (%s); reconnecting", type(exc).__name__)
+        self.listening = False
+        self.stats["listener_errors"] += 1
 
     async def run(self) -> None:
         """Listen for notifications until cancelled; reconnect with backoff on errors."""
         backoff = 0.1
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub = await open_pubsub(self._redis)
+            except (RedisError, OSError) as exc:
+                self._lost(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(self._reconnect_max_s, backoff * 2)
+                continue
             try:
                 await pubsub.psubscribe(self.pattern)
                 if not self.listening:
@@ -235,11 +288,7 @@ class Hub:
                 self.listening = False
                 raise
             except (RedisError, OSError) as exc:
-                if self.listening:
-                    log.warning("push listener lost Redis (%s); reconnecting",
-                                type(exc).__name__)
-                self.listening = False
-                self.stats["listener_errors"] += 1
+                self._lost(exc)
             finally:
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

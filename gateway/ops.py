@@ -44,7 +44,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -52,7 +51,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from flows.masking import mask_id
-from gateway.hub import Subscription
+from gateway.hub import GatewayRedis, Subscription, open_pubsub
 from gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -316,7 +315,7 @@ def _streams(reply: Any) -> dict[str, list[tuple[str, Any]]]:
 class OpsReader:
     """Loads and follows the ops feed in Redis into an :class:`OpsState`."""
 
-    def __init__(self, redis: Redis, prefix: str = PREFIX) -> None:
+    def __init__(self, redis: GatewayRedis, prefix: str = PREFIX) -> None:
         self.redis = redis
         self.prefix = prefix
 
@@ -357,12 +356,18 @@ class OpsReader:
         """Read what is new; (anything changed, the new alerts' views)."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xread({p + k: v for k, v in state.cursors.items()}, count=count)
+        # One XREAD per stream: on a Redis Cluster the streams are in different slots
+        # (one command may not span them); on one Redis it is the same round trip.
+        for k, v in state.cursors.items():
+            pipe.xread({p + k: v}, count=count)
         pipe.get(p + "rules")
-        reply, rules = await pipe.execute()
+        *replies, rules = await pipe.execute()
+        read: dict[str, list[tuple[str, Any]]] = {}
+        for reply in replies:
+            read.update(_streams(reply))
         new_alerts: list[dict[str, Any]] = []
         changed = False
-        for key, entries in _streams(reply).items():
+        for key, entries in read.items():
             name = key.removeprefix(p)
             if name not in state.cursors:
                 continue
@@ -442,10 +447,14 @@ async def _watch(receive: Receive, sub: Subscription) -> None:
             return
 
 
-async def _wakeups(redis: Redis, channel: str, wake: Callable[[], None]) -> None:
+async def _wakeups(redis: GatewayRedis, channel: str, wake: Callable[[], None]) -> None:
     """Call ``wake`` on every message on ``channel`` (reconnects; ends when cancelled)."""
     while True:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub = await open_pubsub(redis)
+        except (RedisError, OSError):
+            await asyncio.sleep(2.0)
+            continue
         try:
             await pubsub.subscribe(channel)
             wake()

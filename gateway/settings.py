@@ -47,6 +47,10 @@ class GatewaySettings(LayeredSettings):
         None, description="redis://HOST:PORT/DB of the push streams (required to serve); "
         "rediss:// for TLS"
     )
+    redis_cluster: bool = Field(
+        False, description="redis_url names one node of a Redis Cluster (redis-py's cluster "
+        "client discovers the others); as the engine's redis.cluster"
+    )
     redis_username: str | None = Field(None, description="Redis ACL user (AUTH user password)")
     redis_password: SecretStr | None = Field(
         None, description="Redis AUTH password (env or TOML; prefer redis_password_file)"

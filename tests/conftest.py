@@ -1,3 +1,3 @@
 """Shared test configuration; real-server fixtures live in tests/fixtures/."""
 
-pytest_plugins = ["tests.fixtures.tansu", "tests.fixtures.redis"]
+pytest_plugins = ["tests.fixtures.tansu", "tests.fixtures.redis", "tests.fixtures.redis_cluster"]

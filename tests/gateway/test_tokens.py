@@ -161,3 +161,18 @@ def test_cli_serve_needs_settings(monkeypatch: pytest.MonkeyPatch,
     assert touchstream(["gateway", "serve", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "TOUCHSTREAM_GATEWAY_REDIS_URL" in err and "TOUCHSTREAM_GATEWAY_TOKEN_SECRET" in err
+
+
+def test_cli_serve_redis_cluster_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.server
+
+    served: list[GatewaySettings] = []
+    monkeypatch.setattr(gateway.server, "serve", lambda s: served.append(s) or 0)
+    monkeypatch.setenv("TOUCHSTREAM_GATEWAY_TOKEN_SECRET", "c" * 40)
+    monkeypatch.delenv("TOUCHSTREAM_GATEWAY_REDIS_CLUSTER", raising=False)
+    url = "redis://127.0.0.1:7000/0"
+    assert touchstream(["gateway", "serve", "--redis", url]) == 0
+    assert touchstream(["gateway", "serve", "--redis", url, "--redis-cluster"]) == 0
+    monkeypatch.setenv("TOUCHSTREAM_GATEWAY_REDIS_CLUSTER", "1")
+    assert touchstream(["gateway", "serve", "--redis", url]) == 0
+    assert [s.redis_cluster for s in served] == [False, True, True]

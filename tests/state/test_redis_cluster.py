@@ -1,6 +1,6 @@
 """The Redis stores and the push sink against a real three-node Redis Cluster.
 
-The cluster comes from ``redis_cluster_url`` (tests/state/conftest.py). The contract
+The cluster comes from ``redis_cluster_url`` (tests/fixtures/redis_cluster.py). The contract
 tests in test_contracts.py also run against it; these cover what only a cluster shows:
 keys spread over nodes, no cross-slot operation, script reload on every primary, pub/sub
 across nodes, and the clients made from the settings.
