@@ -169,3 +169,47 @@ class SSE:
             if ev.event == "comment" and ev.comment == "hb":
                 hb += 1
         return seen
+
+
+PUSHES_PATH = "/v1/terminals/{}/pushes"
+
+
+def open_stream(gw: Running, tid: str, token: str | None = None, *, since: str | None = None,
+                last_event_id: str | None = None, bearer: bool = True) -> httpx.Response:
+    """Open a terminal's SSE stream (close it with :func:`close_stream`). The token goes
+    in a header unless told."""
+    headers = {}
+    params = {}
+    if token is not None:
+        if bearer:
+            headers["authorization"] = f"Bearer {token}"
+        else:
+            params["token"] = token
+    if since is not None:
+        params["since"] = since
+    if last_event_id is not None:
+        headers["last-event-id"] = last_event_id
+    client = httpx.Client(timeout=httpx.Timeout(5.0))
+    request = client.build_request("GET", gw.url + PUSHES_PATH.format(tid), headers=headers,
+                                   params=params)
+    response = client.send(request, stream=True)
+    response.extensions["test_client"] = client
+    return response
+
+
+def close_stream(response: httpx.Response) -> None:
+    """Close a stream :func:`open_stream` opened, and its client."""
+    response.close()
+    response.extensions["test_client"].close()
+
+
+def next_event(sse: SSE, name: str, timeout_s: float = 8.0) -> str:
+    """The data of the next ``name`` event (others are skipped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ev = sse.next()
+        if ev is None:
+            raise AssertionError("stream ended")
+        if ev.event == name:
+            return ev.data
+    raise AssertionError(f"no {name} event")

@@ -15,38 +15,19 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from bench.services import free_port
-from tests.gateway.conftest import SSE, Running, add_push, running_gateway, settings_for
+from tests.gateway.conftest import (
+    SSE,
+    Running,
+    add_push,
+    close_stream,
+    open_stream,
+    running_gateway,
+    settings_for,
+)
 
 pytestmark = pytest.mark.integration
 
 PATH = "/v1/terminals/{}/pushes"
-
-
-def _stream(gw: Running, tid: str, token: str | None = None, *, since: str | None = None,
-            last_event_id: str | None = None, bearer: bool = True) -> httpx.Response:
-    """Open an SSE stream (caller closes it). The token goes in a header unless told."""
-    headers = {}
-    params = {}
-    if token is not None:
-        if bearer:
-            headers["authorization"] = f"Bearer {token}"
-        else:
-            params["token"] = token
-    if since is not None:
-        params["since"] = since
-    if last_event_id is not None:
-        headers["last-event-id"] = last_event_id
-    client = httpx.Client(timeout=httpx.Timeout(5.0))
-    request = client.build_request("GET", gw.url + PATH.format(tid), headers=headers,
-                                   params=params)
-    response = client.send(request, stream=True)
-    response.extensions["test_client"] = client
-    return response
-
-
-def _close(response: httpx.Response) -> None:
-    response.close()
-    response.extensions["test_client"].close()
 
 
 def _wait(cond: object, timeout_s: float = 5.0) -> None:
@@ -98,7 +79,7 @@ def test_auth_401_403(gateway: Running) -> None:
 def test_sse_delivers_new_pushes_in_order(gateway: Running, redis_client: redis.Redis) -> None:
     add_push(redis_client, "T1", 0)  # before connecting: not replayed without since
     add_push(redis_client, "T2", 0)  # another terminal: never seen here
-    resp = _stream(gateway, "T1", gateway.token("T1"), bearer=False)
+    resp = open_stream(gateway, "T1", gateway.token("T1"), bearer=False)
     try:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -115,13 +96,13 @@ def test_sse_delivers_new_pushes_in_order(gateway: Running, redis_client: redis.
                    for d in docs)
         assert "13800000004" not in "".join(e.data for e in got)
     finally:
-        _close(resp)
+        close_stream(resp)
 
 
 def test_sse_reconnect_gets_exactly_the_missed_ones(
         gateway: Running, redis_client: redis.Redis) -> None:
     token = gateway.token("T1")
-    resp = _stream(gateway, "T1", token)
+    resp = open_stream(gateway, "T1", token)
     try:
         sse = SSE(resp)
         sse.next()
@@ -129,11 +110,11 @@ def test_sse_reconnect_gets_exactly_the_missed_ones(
         got = sse.pushes(3)
         assert [e.id for e in got] == ids
     finally:
-        _close(resp)
+        close_stream(resp)
     _wait(lambda: gateway.server.gateway.open_streams == 0)
     missed = [add_push(redis_client, "T1", n)[0] for n in range(3, 7)]
     # what EventSource does: Last-Event-ID header (it wins over a stale ?since=)
-    resp = _stream(gateway, "T1", token, last_event_id=ids[-1], since=ids[0])
+    resp = open_stream(gateway, "T1", token, last_event_id=ids[-1], since=ids[0])
     try:
         sse = SSE(resp)
         again = sse.pushes(4)
@@ -145,43 +126,43 @@ def test_sse_reconnect_gets_exactly_the_missed_ones(
         tail = sse.until_comment(2, timeout_s=3)
         assert not [e for e in tail if e.event == "push"]
     finally:
-        _close(resp)
+        close_stream(resp)
     # ?since= alone, and since=0 for everything the stream holds
-    resp = _stream(gateway, "T1", token, since=missed[1])
+    resp = open_stream(gateway, "T1", token, since=missed[1])
     try:
         assert [e.id for e in SSE(resp).pushes(3)] == [*missed[2:], *later]
     finally:
-        _close(resp)
-    resp = _stream(gateway, "T1", token, since="0")
+        close_stream(resp)
+    resp = open_stream(gateway, "T1", token, since="0")
     try:
         assert [e.id for e in SSE(resp).pushes(8)] == [*ids, *missed, *later]
     finally:
-        _close(resp)
+        close_stream(resp)
 
 
 def test_sse_pushes_without_publish_arrive_by_polling(
         redis_url: str, redis_client: redis.Redis) -> None:
     """A writer that does not PUBLISH: the stream is re-read every poll_interval_s."""
     with running_gateway(settings_for(redis_url, poll_interval_s=0.3)) as gw:
-        resp = _stream(gw, "T1", gw.token("T1"))
+        resp = open_stream(gw, "T1", gw.token("T1"))
         try:
             sse = SSE(resp)
             sse.next()
             ids = [add_push(redis_client, "T1", n, publish=False)[0] for n in range(2)]
             assert [e.id for e in sse.pushes(2, timeout_s=3)] == ids
         finally:
-            _close(resp)
+            close_stream(resp)
 
 
 def test_heartbeats_when_idle(gateway: Running) -> None:
-    resp = _stream(gateway, "T1", gateway.token("T1"))
+    resp = open_stream(gateway, "T1", gateway.token("T1"))
     try:
         t0 = time.monotonic()
         seen = SSE(resp).until_comment(3, timeout_s=3)
         assert time.monotonic() - t0 >= 0.6  # about one per heartbeat_s (0.3 s)
         assert [e.comment for e in seen if e.event == "comment"][-3:] == ["hb", "hb", "hb"]
     finally:
-        _close(resp)
+        close_stream(resp)
 
 
 def test_the_engine_sink_feeds_the_gateway(gateway: Running, redis_url: str) -> None:
@@ -189,7 +170,7 @@ def test_the_engine_sink_feeds_the_gateway(gateway: Running, redis_url: str) -> 
     from connectors.redis_push import RedisPushConfig, RedisPushOutput
     from flows.model import Push
 
-    resp = _stream(gateway, "H01-T06", gateway.token("H01-T06"))
+    resp = open_stream(gateway, "H01-T06", gateway.token("H01-T06"))
     try:
         sse = SSE(resp)
         sse.next()
@@ -206,12 +187,12 @@ def test_the_engine_sink_feeds_the_gateway(gateway: Running, redis_url: str) -> 
             "rule_version": 1, "event_ts": 1700000006000, "customer": "…0006",
             "content": {"kind": "help", "module": "remote_cam", "step": "door_sensor_setup"}}
     finally:
-        _close(resp)
+        close_stream(resp)
 
 
 def test_token_expiry_ends_the_stream(redis_url: str) -> None:
     with running_gateway(settings_for(redis_url, token_leeway_s=0)) as gw:
-        resp = _stream(gw, "T1", gw.signer.issue("T1", 1))
+        resp = open_stream(gw, "T1", gw.signer.issue("T1", 1))
         try:
             sse = SSE(resp)
             events = []
@@ -220,25 +201,25 @@ def test_token_expiry_ends_the_stream(redis_url: str) -> None:
             bye = [e for e in events if e.event == "bye"]
             assert bye and json.loads(bye[0].data) == {"reason": "token_expired"}
         finally:
-            _close(resp)
+            close_stream(resp)
 
 
 def test_shutdown_says_bye(redis_url: str) -> None:
     with running_gateway(settings_for(redis_url)) as gw:
-        resp = _stream(gw, "T1", gw.token("T1"))
+        resp = open_stream(gw, "T1", gw.token("T1"))
         sse = SSE(resp)
         sse.next()
         gw.server.stop()
         events = []
         while (ev := sse.next()) is not None:
             events.append(ev)
-        _close(resp)
+        close_stream(resp)
     assert [json.loads(e.data) for e in events if e.event == "bye"] == [{"reason": "shutdown"}]
 
 
 def test_connection_limit(redis_url: str) -> None:
     with running_gateway(settings_for(redis_url, max_connections=1)) as gw:
-        first = _stream(gw, "T1", gw.token("T1"))
+        first = open_stream(gw, "T1", gw.token("T1"))
         try:
             sse = SSE(first)  # keep it referenced: a collected line iterator closes the stream
             sse.next()
@@ -246,7 +227,7 @@ def test_connection_limit(redis_url: str) -> None:
                                headers={"authorization": f"Bearer {gw.token('T2')}"})
             assert second.status_code == 503 and second.headers["retry-after"]
         finally:
-            _close(first)
+            close_stream(first)
 
 
 def test_websocket(gateway: Running, redis_client: redis.Redis) -> None:
@@ -323,9 +304,9 @@ def test_no_token_in_logs(gateway: Running, redis_client: redis.Redis,
     httpx.get(url, params={"token": other})
     httpx.get(url, params={"token": token + "x"})
     httpx.get(url, headers={"authorization": f"Bearer {other}"})
-    resp = _stream(gateway, "T1", token, bearer=False)
+    resp = open_stream(gateway, "T1", token, bearer=False)
     SSE(resp).next()
-    _close(resp)
+    close_stream(resp)
     with ws_connect(gateway.ws_url + PATH.format("T1") + "?token=" + token, open_timeout=5):
         pass
     with pytest.raises(InvalidStatus):
@@ -360,7 +341,7 @@ def test_orjson_view_is_compact() -> None:
 def test_listener_reconnects_after_losing_redis(
         gateway: Running, redis_client: redis.Redis) -> None:
     """The pub/sub connection is killed: the hub reconnects and pushes still arrive fast."""
-    resp = _stream(gateway, "T1", gateway.token("T1"))
+    resp = open_stream(gateway, "T1", gateway.token("T1"))
     try:
         sse = SSE(resp)
         sse.next()
@@ -375,4 +356,4 @@ def test_listener_reconnects_after_losing_redis(
         assert [e.id for e in sse.pushes(1, timeout_s=3)] == ids
         assert time.monotonic() - t0 < 2
     finally:
-        _close(resp)
+        close_stream(resp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -24,9 +23,16 @@ from connectors.redis_push import RedisPushConfig, RedisPushOutput
 from flows.model import Alert, Push
 from flows.rules import load_default_rules
 from gateway.hub import Hub
-from tests.gateway.conftest import SSE, Running, running_gateway, settings_for
+from tests.gateway.conftest import (
+    SSE,
+    Running,
+    close_stream,
+    next_event,
+    open_stream,
+    running_gateway,
+    settings_for,
+)
 
-PATH = "/v1/terminals/{}/pushes"
 TOKEN = "ops-token-for-tests-0123"
 
 
@@ -63,22 +69,6 @@ def _push(tid: str, n: int) -> Push:
                 event_ts=1700000006000 + n, reason={"dwell_s": 90})
 
 
-def _stream(gw: Running, tid: str, last_event_id: str | None = None) -> httpx.Response:
-    headers = {"authorization": f"Bearer {gw.token(tid)}"}
-    if last_event_id is not None:
-        headers["last-event-id"] = last_event_id
-    client = httpx.Client(timeout=httpx.Timeout(5.0))
-    response = client.send(client.build_request("GET", gw.url + PATH.format(tid),
-                                                headers=headers), stream=True)
-    response.extensions["test_client"] = client
-    return response
-
-
-def _close(response: httpx.Response) -> None:
-    response.close()
-    response.extensions["test_client"].close()
-
-
 @pytest.mark.integration
 def test_terminals_on_every_node_get_their_pushes(
     cluster_gateway: Running, rc: RedisCluster, redis_cluster_url: str
@@ -87,7 +77,7 @@ def test_terminals_on_every_node_get_their_pushes(
     ready = httpx.get(gw.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["redis"] == "ok"
     tids = _terminals_on_every_node(rc)
-    streams = {tid: _stream(gw, tid) for tid in tids}
+    streams = {tid: open_stream(gw, tid, gw.token(tid)) for tid in tids}
     part = RedisPushOutput(RedisPushConfig(url=redis_cluster_url, cluster=True)).build(
         "out", 0, 1)
     try:
@@ -107,11 +97,12 @@ def test_terminals_on_every_node_get_their_pushes(
 
         # a terminal that reconnects with its last id gets exactly what it missed
         tid = tids[-1]
-        _close(streams.pop(tid))
+        close_stream(streams.pop(tid))
         part.write_batch([_push(tid, 2), _push(tid, 3)])
         entries = rc.xrange(f"push:terminal:{tid}")
         assert len(entries) == 3
-        streams[tid] = again = _stream(gw, tid, last_event_id=entries[0][0].decode())
+        missed_after = entries[0][0].decode()
+        streams[tid] = again = open_stream(gw, tid, gw.token(tid), last_event_id=missed_after)
         sse = SSE(again)
         sse.next()
         got = sse.pushes(2)
@@ -120,7 +111,7 @@ def test_terminals_on_every_node_get_their_pushes(
     finally:
         part.close()
         for resp in streams.values():
-            _close(resp)
+            close_stream(resp)
 
 
 @pytest.mark.integration
@@ -150,24 +141,13 @@ def test_ops_console_reads_a_feed_spread_over_slots(
             assert doc["latency"]["count"] == 1
             with c.stream("GET", "/ops/api/events") as resp:
                 sse = SSE(resp)
-                _next_event(sse, "state")
+                next_event(sse, "state")
                 part.write_batch([Alert(id="a2", type=alert.type, source=alert.source,
                                         time_ms=t0 + 1, subject=alert.subject,
                                         data=alert.data)])
-                assert orjson.loads(_next_event(sse, "alert"))["id"] == "a2"
+                assert orjson.loads(next_event(sse, "alert"))["id"] == "a2"
     finally:
         part.close()
-
-
-def _next_event(sse: SSE, name: str, timeout_s: float = 8.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ev = sse.next()
-        if ev is None:
-            raise AssertionError("stream ended")
-        if ev.event == name:
-            return ev.data
-    raise AssertionError(f"no {name} event")
 
 
 class _SlowRedis:

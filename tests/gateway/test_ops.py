@@ -19,7 +19,7 @@ from flows.model import Alert, Push
 from flows.rules import load_default_rules
 from gateway.ops import COOKIE, LATENCY_BOUNDS_MS, OpsAuth, OpsState, alert_view, mask_ids
 from gateway.settings import GatewaySettings
-from tests.gateway.conftest import SSE, running_gateway, settings_for
+from tests.gateway.conftest import SSE, next_event, running_gateway, settings_for
 
 TOKEN = "ops-token-for-tests-0123"
 MIN = 60_000
@@ -214,30 +214,19 @@ def test_live_feed_sends_alerts_as_they_fire(redis_url: str) -> None:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             sse = SSE(resp)
-            first = _next_event(sse, "state")
+            first = next_event(sse, "state")
             assert orjson.loads(first)["alerts"] == []
             t0 = time.monotonic()
             part.write_batch([_alert(7), _push(7)])
-            alert = orjson.loads(_next_event(sse, "alert"))
+            alert = orjson.loads(next_event(sse, "alert"))
             assert time.monotonic() - t0 < 3.0  # woken by PUBLISH, not the 5 s poll
             assert alert["id"] == "a7" and alert["subject"] == "…0006"
-            state = orjson.loads(_next_event(sse, "state"))
+            state = orjson.loads(next_event(sse, "state"))
             assert "alerts" not in state
             assert sum(state["pushes_per_minute"]["rules"]["help-sprite"]) >= 0
             assert state["recent_pushes"][0]["rule_id"] == "help-sprite"
     finally:
         part.close()
-
-
-def _next_event(sse: SSE, name: str, timeout_s: float = 8.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ev = sse.next()
-        if ev is None:
-            raise AssertionError("stream ended")
-        if ev.event == name:
-            return ev.data
-    raise AssertionError(f"no {name} event")
 
 
 @pytest.mark.integration
@@ -246,8 +235,8 @@ def test_shutdown_ends_the_feed_with_bye(redis_url: str) -> None:
             httpx.Client(timeout=10.0) as c, \
             c.stream("GET", gw.url + "/ops/api/events", params={"token": TOKEN}) as resp:
         sse = SSE(resp)
-        _next_event(sse, "state")
+        next_event(sse, "state")
         t0 = time.monotonic()
         gw.server.stop()
-        assert orjson.loads(_next_event(sse, "bye")) == {"reason": "shutdown"}
+        assert orjson.loads(next_event(sse, "bye")) == {"reason": "shutdown"}
         assert time.monotonic() - t0 < 3.0
