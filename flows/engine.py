@@ -48,10 +48,12 @@ from flows.rules import Campaign, Rule, RuleSet
 from state.guards import PROCESS_QUOTA, QuotaStore
 from state.profiles import ProfileStore
 
-# What a shard holds of prefetched profiles between live batches: nothing.
-_NOTHING_HELD: Final[Mapping[str, Profile]] = MappingProxyType({})
+NO_PROFILES: Final[Mapping[str, Profile]] = MappingProxyType({})
+"""An empty, read-only map of profiles by customer id: what a shard holds between live
+batches, and what a router hands a shard none of whose clicks it read."""
 
 __all__ = [
+    "NO_PROFILES",
     "EngineConfig",
     "Holdout",
     "Progress",
@@ -283,7 +285,7 @@ class ShardEngine:
         self.profiles = profiles
         # The profiles the current live batch prefetched, read before the store's cache
         # (a dict lookup instead of a locked cache lookup per rule; empty between batches).
-        self._held: Mapping[str, Profile] = _NOTHING_HELD
+        self._held: Mapping[str, Profile] = NO_PROFILES
         self.config = config
         self.customers: dict[str, Customer] = {}
         self.timers: list[tuple[int, str, str, str]] = []  # deadline, customer, visit, rule
@@ -405,7 +407,7 @@ class ShardEngine:
         self.apply(env, out)
 
     def on_live_batch(self, envs: Iterable[Envelope], now: int, out: Out,
-                      profiles: Mapping[str, Profile] = _NOTHING_HELD) -> None:
+                      profiles: Mapping[str, Profile] = NO_PROFILES) -> None:
         """Live: fire timers due by ``now``, then apply a batch of events in order.
 
         ``profiles`` are profiles already read for this batch (by the router, which
@@ -431,7 +433,7 @@ class ShardEngine:
             for env in envs:
                 apply(env, out)
         finally:
-            self._held = _NOTHING_HELD
+            self._held = NO_PROFILES
 
     def _profile(self, customer_id: str) -> Profile:
         """The customer's profile: the one this batch prefetched, else the store's."""

@@ -10,7 +10,6 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import Any
 
 import bytewax.operators as op
@@ -24,6 +23,7 @@ from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, rule_campai
 from flows.codec import pack, unpack
 from flows.control import RulesStatus, RulesUpdate, compile_update
 from flows.engine import (
+    NO_PROFILES,
     EngineConfig,
     Holdout,
     Progress,
@@ -347,9 +347,6 @@ class _StatsLogic(StatefulBatchLogic[Any, dict[str, Any], bytes]):
 # --- live intake: route raw records to shards, decode them there --------------------
 
 
-_NO_PROFILES: Mapping[str, Profile] = MappingProxyType({})
-
-
 @dataclass(frozen=True, slots=True)
 class ShardBatch:
     """What a live router sends one shard: raw records of that shard in arrival order,
@@ -452,7 +449,7 @@ class ShardRouter:
             else:
                 g.append(rec)
         if not wanted:
-            return [(shard_key(s), ShardBatch(g, _NO_PROFILES)) for s, g in groups.items()]
+            return [(shard_key(s), ShardBatch(g, NO_PROFILES)) for s, g in groups.items()]
         assert self.profiles is not None
         read = self.profiles.prefetch([cid for _, cid in wanted])
         held: dict[int, dict[str, Profile]] = {}
@@ -464,7 +461,7 @@ class ShardRouter:
                     held[s] = {cid: p}
                 else:
                     h[cid] = p
-        return [(shard_key(s), ShardBatch(g, held.get(s, _NO_PROFILES)))
+        return [(shard_key(s), ShardBatch(g, held.get(s, NO_PROFILES)))
                 for s, g in groups.items()]
 
 
