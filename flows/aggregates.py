@@ -22,6 +22,13 @@ def _visit_order(v: VisitDone) -> tuple[int, str, int]:
     return (v.leave_ts, v.customer_id, v.enter_ts)
 
 
+# A step with no visit in twice the longest window plus this (late and early clocks: live
+# events may be up to an hour ahead) behind the latest visit seen is forgotten.
+FORGET_MARGIN_MS: Final = 3_600_000
+# At most one sweep for forgotten steps per this much event time (or half a window).
+SWEEP_EVERY_MS: Final = 60_000
+
+
 class FrictionEngine:
     """Step friction: many customers slow on one (module, step) in a trailing window.
 
@@ -29,6 +36,14 @@ class FrictionEngine:
     evaluated in ``(leave_ts, module, step, customer, enter_ts)`` order once every
     shard's :class:`Progress` has passed them, so the alerts do not depend on how
     the shards' outputs interleave.
+
+    Memory follows the steps visited lately, not every step name a terminal ever sent:
+    a step whose latest visit is more than twice the longest window (plus
+    :data:`FORGET_MARGIN_MS`) behind the latest visit evaluated is forgotten, and so is
+    a step's last alert once no rule's ``once`` (plus the longest window) still holds
+    it. In replay, visits are evaluated in leave order, so this changes no alert. Live,
+    only a visit that arrives more than about the longest window behind the latest one
+    could be judged differently (without its step's older visits).
     """
 
     def __init__(self, rules: RuleSet, shards: int, live: bool,
@@ -45,6 +60,8 @@ class FrictionEngine:
         self.last_alert: dict[str, int] = {}
         self.progress: dict[int, int] = {}
         self.buffer: list[tuple[int, str, str, str, int, VisitDone]] = []
+        self.high = 0  # the latest leave time evaluated
+        self._next_sweep = 0
         if state is not None:
             self.last_alert = dict(state["last_alert"])
             self.progress = {int(k): v for k, v in state["progress"].items()}
@@ -52,6 +69,7 @@ class FrictionEngine:
                 visit = VisitDone(*v)
                 self._window(v[0], v[1]).append(visit)
                 self._count(visit, 1)
+                self.high = max(self.high, visit.leave_ts)
             for v in state["buffer"]:
                 self._buffer(VisitDone(*v))
 
@@ -126,6 +144,18 @@ class FrictionEngine:
         while buf:
             self._evaluate(heapq.heappop(buf)[-1], out)
 
+    def _sweep(self) -> None:
+        """Forget the steps and last alerts that no later visit can need (see the class)."""
+        horizon = self.high - 2 * self._keep - FORGET_MARGIN_MS
+        for key in [k for k, dq in self.windows.items() if not dq or dq[-1].leave_ts < horizon]:
+            del self.windows[key]
+            self._dwell_sum.pop(key, None)
+            self._who.pop(key, None)
+        once = max((r.once_ms for r in self.rules), default=0)
+        cutoff = self.high - once - self._keep - FORGET_MARGIN_MS
+        self.last_alert = {k: t for k, t in self.last_alert.items() if t >= cutoff}
+        self._next_sweep = self.high + max(self._keep // 2, SWEEP_EVERY_MS)
+
     def _evaluate(self, v: VisitDone, out: list[Any]) -> None:
         dq = self._window(v.module, v.step)
         # Live, visits of different customers arrive out of order: keep the window
@@ -135,6 +165,10 @@ class FrictionEngine:
         t = dq[-1].leave_ts
         while dq and dq[0].leave_ts < t - self._keep:
             self._count(dq.popleft(), -1)
+        if t > self.high:
+            self.high = t
+            if t >= self._next_sweep:
+                self._sweep()
         key2 = (v.module, v.step)
         for rule in self.rules:
             tr = rule.trigger
