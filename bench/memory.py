@@ -663,7 +663,7 @@ def measure_components(n: int = COMPONENT_N) -> dict[str, Any]:
         cids = [f"132{k:08d}" for k in range(n)]
         pf = profile_of.get(name)
         store = InMemoryProfileStore([pf(c) for c in cids] if pf else ())
-        eng = ShardEngine(0, rules, store, EngineConfig(shards=SHARDS, live=True))
+        eng = ShardEngine(0, rules, store, EngineConfig(shards=SHARDS))
         docs = [[json_dumps(d) for d in make(c)] for c in cids]
         sink: list[Any] = []
         pushes = 0

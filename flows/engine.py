@@ -90,7 +90,6 @@ class EngineConfig:
     """Engine parameters that are not rules (from settings)."""
 
     shards: int = 64
-    live: bool = False
     idle_ttl_ms: int = 8 * 86_400_000
     session_idle_ms: int = 30 * 60_000
     conversion_window_ms: int = 30 * 60_000

@@ -546,7 +546,7 @@ def _emit(step_id: str, stream: Stream[Any], sinks: list[Sink[Any]]) -> None:
 def engine_config(settings: Settings) -> EngineConfig:
     """The shard engines' parameters from ``settings.engine`` (seconds become ms)."""
     es = settings.engine
-    return EngineConfig(shards=es.shards, live=settings.mode == "live",
+    return EngineConfig(shards=es.shards,
                         idle_ttl_ms=int(es.idle_ttl_s * 1000),
                         sweep_interval_ms=int(es.sweep_interval_s * 1000))
 

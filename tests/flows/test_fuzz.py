@@ -1051,7 +1051,7 @@ def _engine_run(records: Iterator[RawRecord]) -> tuple[dict[str, bytes],
     router = ShardRouter(ES.shards, LIMITS, None)
     rules = fuzz_rules()
     profiles = InMemoryProfileStore(valid_profiles())
-    config = EngineConfig(shards=ES.shards, live=True, idle_ttl_ms=int(ES.idle_ttl_s * 1000))
+    config = EngineConfig(shards=ES.shards, idle_ttl_ms=int(ES.idle_ttl_s * 1000))
     engines: dict[str, ShardEngine] = {}
     outputs: dict[str, list[Any]] = {}
     batch: list[RawRecord] = []
@@ -1087,7 +1087,7 @@ def test_bad_messages_leave_no_state_behind(valid: list[RawRecord]) -> None:
     kinds = Counter(type(x).__name__ for v in clean_out.values() for x in v)
     assert kinds == {"Push": N_CUSTOMERS, "VisitDone": N_CUSTOMERS}, kinds
     idle = ShardEngine(-1, fuzz_rules(), InMemoryProfileStore(),
-                       EngineConfig(shards=ES.shards, live=True,
+                       EngineConfig(shards=ES.shards,
                                     idle_ttl_ms=int(ES.idle_ttl_s * 1000)))
     idle.on_live_batch([], NOW, [])
     empty = pack(idle.snapshot())
