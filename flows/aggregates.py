@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from bisect import insort
 from collections import Counter, deque
@@ -14,8 +15,11 @@ from flows.engine import Progress, StatDelta, Tick, VisitDone, shard_of
 from flows.model import Alert, DeadLetter, Envelope, stable_id
 from flows.rules import RuleSet
 
-__all__ = ["WINDOW_SIZES_MS", "DwellHistogram", "FrictionEngine", "Sequencer", "StatsEngine",
-           "TumblingWindows", "dwell_bucket", "rule_campaigns"]
+__all__ = ["DEFAULT_MAX_NAMES", "OTHER_NAME", "WINDOW_SIZES_MS", "DwellHistogram",
+           "FrictionEngine", "Sequencer", "StatsEngine", "TumblingWindows", "dwell_bucket",
+           "rule_campaigns"]
+
+logger = logging.getLogger(__name__)
 
 
 def _visit_order(v: VisitDone) -> tuple[int, str, int]:
@@ -281,6 +285,15 @@ def shard_key(shard: int) -> str:
 
 
 WINDOW_SIZES_MS: Final = (60_000, 3_600_000, 86_400_000)
+
+# Terminals name halls, modules and steps: the stats keep at most this many distinct names
+# of each kind (a real estate has hundreds of modules, thousands of steps) and count the
+# rest under OTHER_NAME, so a terminal that sends a new name per click cannot grow them
+# without bound.
+DEFAULT_MAX_NAMES: Final = 10_000
+OTHER_NAME: Final = "(other)"
+# Counter key kinds whose second part a terminal chooses, and the kind of name it is.
+_NAMED: Final = {"hall": "hall", "module": "module", "step": "step", "dwell": "module"}
 """The tumbling stats windows: 1 minute, 1 hour, 1 day (aligned to the UTC epoch)."""
 
 _EXACT_S: Final = 120
@@ -515,6 +528,9 @@ class StatsEngine:
 
     ``campaigns`` maps rule ids to campaign names: with it, the documents (cumulative
     and windows) also sum the rules' counters per campaign (``campaigns``).
+    At most ``max_names`` distinct hall, module and step names each are kept (the first
+    ones seen, remembered in snapshots); counts of further names go to
+    :data:`OTHER_NAME`, and ``engine.stats_names_folded`` counts those increments.
     :meth:`set_campaigns` adds the rules of a new rule set; the mapping is snapshotted.
     Where a rule's control group held customers out, its entry (and its campaign's,
     hall's and module's) has ``holdouts``, ``control_conversions`` and ``uplift``.
@@ -522,8 +538,14 @@ class StatsEngine:
 
     def __init__(self, conversion_window_ms: int, state: dict[str, Any] | None = None, *,
                  window_sizes_ms: tuple[int, ...] = WINDOW_SIZES_MS,
-                 campaigns: Mapping[str, str] | None = None) -> None:
+                 campaigns: Mapping[str, str] | None = None,
+                 max_names: int = DEFAULT_MAX_NAMES) -> None:
+        if max_names < 1:
+            raise ValueError("max_names must be >= 1")
         self.window_ms = conversion_window_ms
+        self.max_names = max_names
+        self.names: dict[str, set[str]] = {"hall": set(), "module": set(), "step": set()}
+        self._warned: set[str] = set()
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.dirty = False
         self.pending: Counter[tuple[str, ...]] = Counter()
@@ -535,6 +557,10 @@ class StatsEngine:
             wstate = state.get("windows")
             camps.update({str(k): str(v) for k, v in state.get("campaigns", ())})
         self.windows = TumblingWindows(window_sizes_ms, camps, wstate)
+        for key in (*self.counts, *self.pending):  # the names kept before the snapshot
+            kind = _NAMED.get(key[0])
+            if kind is not None and len(key) == 3 and key[1] != OTHER_NAME:
+                self.names[kind].add(key[1])
 
     @property
     def campaigns(self) -> Mapping[str, str]:
@@ -553,9 +579,39 @@ class StatsEngine:
                 "windows": self.windows.snapshot(),
                 "campaigns": sorted(self.windows.campaigns.items())}
 
+    def _fold(self, counts: Mapping[tuple[str, ...], int]) -> Mapping[tuple[str, ...], int]:
+        """``counts`` with names past ``max_names`` of their kind as :data:`OTHER_NAME`."""
+        names = self.names
+        for key in counts:
+            kind = _NAMED.get(key[0])
+            if kind is not None and len(key) == 3 and key[1] not in names[kind]:
+                break
+        else:
+            return counts  # every name already kept: the usual case
+        out: Counter[tuple[str, ...]] = Counter()
+        folded = 0
+        for key, n in counts.items():
+            kind = _NAMED.get(key[0])
+            if kind is not None and len(key) == 3 and key[1] not in names[kind]:
+                kept = names[kind]
+                if len(kept) < self.max_names:
+                    kept.add(key[1])
+                elif key[1] != OTHER_NAME:
+                    if kind not in self._warned:
+                        self._warned.add(kind)
+                        logger.warning("stats: more than %d distinct %s names; counting "
+                                       "further ones as %r", self.max_names, kind, OTHER_NAME)
+                    out[key[0], OTHER_NAME, key[2]] += n
+                    folded += n
+                    continue
+            out[key] += n
+        if folded:
+            out["engine", "stats_names_folded"] += folded
+        return out
+
     def add(self, delta: StatDelta, at_ms: int | None = None) -> None:
         """Add a delta (``at_ms``: when it arrived; else stamped at the next render)."""
-        counts = delta.counts
+        counts = self._fold(delta.counts)
         if any(k[0] == "dwell" for k in counts):
             self.counts.update({k: n for k, n in counts.items() if k[0] != "dwell"})
         else:

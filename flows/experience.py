@@ -680,7 +680,8 @@ def build_flow(
     stats = op.stateful_batch(
         "stats", stat_deltas,
         lambda st: _StatsLogic(StatsEngine(config.conversion_window_ms,
-                                           unpack(st) if st else None, campaigns=campaigns),
+                                           unpack(st) if st else None, campaigns=campaigns,
+                                           max_names=es.stats_max_names),
                                live, now_ms, stats_ms),
     )
     stats_docs = op.map("stats_docs", stats, _unwrap)

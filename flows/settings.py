@@ -56,6 +56,11 @@ class EngineSettings(BaseModel):
         "a sweep reads every customer of the shard",
     )
     stats_interval_s: float = Field(5.0, gt=0, description="live: how often stats are emitted")
+    stats_max_names: int = Field(
+        10_000, ge=1,
+        description="stats: distinct hall, module and step names kept of each kind; counts "
+        "of further names go to '(other)'",
+    )
     max_clock_skew_s: float = Field(
         3600.0, ge=0, description="live: events further in the future are dead letters"
     )

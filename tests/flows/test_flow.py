@@ -251,3 +251,16 @@ def test_cli_replay_writes_the_four_files(tmp_path: Path) -> None:
     alert = lines((tmp_path / "o" / "alerts.jsonl").read_bytes())[0]
     assert alert["specversion"] == "1.0"
     assert set(alert) >= {"id", "source", "type", "time", "subject", "data"}
+
+
+def test_stats_keep_at_most_stats_max_names_of_each_kind(tmp_path: Path) -> None:
+    rows, profiles = demo_events(rounds=2)
+    whole = json.loads(run_replay(tmp_path, "all", rows, profiles)["stats.json"])
+    assert len(whole["modules"]) > 2 and "stats_names_folded" not in whole["engine"]
+    stats = json.loads(run_replay(tmp_path, "two", rows, profiles,
+                                  stats_max_names=2)["stats.json"])
+    for kind in ("halls", "modules"):
+        assert len(stats[kind]) <= 3 and "(other)" in stats[kind], kind
+    assert stats["engine"]["stats_names_folded"] > 0
+    tries = sum(h.get("tries", 0) for h in stats["modules"].values())
+    assert tries == sum(h.get("tries", 0) for h in whole["modules"].values())  # none lost
