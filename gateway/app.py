@@ -62,7 +62,7 @@ from flows.masking import mask_id
 from gateway import logsafe
 from gateway.hub import GatewayRedis, Hub, Subscription
 from gateway.metrics import gateway_registry, metrics_endpoint
-from gateway.ops import ops_routes
+from gateway.ops import EVENTS_CHANNEL, ops_routes
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenClaims, TokenError, TokenSigner, valid_terminal_id
 from state.redis_store import redis_options
@@ -168,7 +168,8 @@ class Gateway:
                        idle_ping_s=max(settings.heartbeat_s, 5.0),
                        # a node's pool: the listener's connection, the rest for reads
                        max_reads=settings.redis_pool_size - 1 if cluster else None,
-                       read_wait_s=settings.redis_timeout_s)
+                       read_wait_s=settings.redis_timeout_s,
+                       channels=(EVENTS_CHANNEL,))  # the ops consoles' wake-ups
         self.stats: Counter[str] = Counter()
         self.open_streams = 0
         self.started_at = datetime.now(UTC)

@@ -61,17 +61,21 @@ class Subscription:
     ``last_id`` is the id of the last entry sent (or skipped); ``wake`` is set by the hub
     when the stream may have something new; ``lag`` counts notifications since the last
     read; ``closed`` is the reason once closed; ``task`` is cancelled by :meth:`close`.
+    A ``coalesce`` subscription (the ops console: it reads whatever is new on each wake,
+    at most once a second) counts no lag and is never closed as a slow consumer.
     """
 
-    __slots__ = ("closed", "key", "lag", "last_id", "task", "wake")
+    __slots__ = ("closed", "coalesce", "key", "lag", "last_id", "task", "wake")
 
-    def __init__(self, key: str, last_id: str, task: asyncio.Task[Any] | None = None) -> None:
+    def __init__(self, key: str, last_id: str, task: asyncio.Task[Any] | None = None, *,
+                 coalesce: bool = False) -> None:
         self.key = key
         self.last_id = last_id
         self.wake = asyncio.Event()
         self.lag = 0
         self.closed: str | None = None
         self.task = task
+        self.coalesce = coalesce
 
     def close(self, reason: str) -> bool:
         """Close with ``reason`` (the first reason wins); cancel the task. True if new."""
@@ -136,8 +140,9 @@ class Hub:
     """Fans pub/sub wake-ups out to the subscriptions of this process.
 
     ``redis`` is the shared client (its pool serves the reads); the listener takes one
-    more connection from it for ``PSUBSCRIBE <prefix><pattern>``. Run :meth:`run` as a
-    task for the life of the process.
+    more connection from it for ``PSUBSCRIBE <prefix><pattern>`` and ``SUBSCRIBE`` to
+    ``channels`` (the ops console's wake-ups): one connection for every terminal and
+    console of the process. Run :meth:`run` as a task for the life of the process.
 
     ``max_reads`` bounds the reads in flight; one more waits for a free slot, up to
     ``read_wait_s`` (then ``TimeoutError``, an ``OSError``). A single Redis needs no
@@ -158,8 +163,10 @@ class Hub:
         reconnect_max_s: float = 5.0,
         max_reads: int | None = None,
         read_wait_s: float = 5.0,
+        channels: tuple[str, ...] = (),
     ) -> None:
         self._redis = redis
+        self.channels = channels
         self._reads = asyncio.Semaphore(max_reads) if max_reads else None
         self._read_wait_s = read_wait_s
         self.prefix = prefix
@@ -201,8 +208,10 @@ class Hub:
             return
         self.stats["notifications"] += 1
         for sub in list(subs):
-            sub.lag += 1
             sub.wake.set()
+            if sub.coalesce:
+                continue
+            sub.lag += 1
             if sub.lag > self.max_queued and sub.close("slow_consumer"):
                 self.stats["slow_consumer"] += 1
                 log.warning("closing a slow consumer on %s: %d pushes queued for it",
@@ -225,7 +234,8 @@ class Hub:
     # --- Redis ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _read_slot(self) -> AsyncIterator[None]:
+    async def read_slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``max_reads`` slots (if bounded) for a read of Redis."""
         if self._reads is None:
             yield
             return
@@ -238,12 +248,12 @@ class Hub:
 
     async def read(self, key: str, last_id: str, count: int) -> list[Entry]:
         """Up to ``count`` entries of ``key`` after ``last_id`` (non-blocking)."""
-        async with self._read_slot():
+        async with self.read_slot():
             return parse_xread(await self._redis.xread({key: last_id}, count=count))
 
     async def tail_id(self, key: str) -> str:
         """The id of the newest entry of ``key`` (``0-0`` if it is empty or missing)."""
-        async with self._read_slot():
+        async with self.read_slot():
             reply = await self._redis.xrevrange(key, "+", "-", count=1)
         return _text(reply[0][0]) if reply else "0-0"
 
@@ -266,6 +276,8 @@ class Hub:
                 continue
             try:
                 await pubsub.psubscribe(self.pattern)
+                if self.channels:
+                    await pubsub.subscribe(*self.channels)
                 if not self.listening:
                     log.info("listening for pushes on %s", self.pattern)
                 self.listening = True
@@ -282,7 +294,7 @@ class Hub:
                             quiet_since = loop.time()
                         continue
                     quiet_since = loop.time()
-                    if msg.get("type") == "pmessage":
+                    if msg.get("type") in ("pmessage", "message"):
                         self.notify(msg["channel"])
             except asyncio.CancelledError:
                 self.listening = False

@@ -13,9 +13,11 @@ Routes (:func:`ops_routes`, registered by :func:`gateway.app.create_app`):
 What it reads is the ops feed the engine writes to Redis (``connectors/ops_feed.py``):
 ``ops:stats`` (latest stats document), ``ops:stats:history``, ``ops:alerts``,
 ``ops:pushes`` (push summaries without personal data) and ``ops:rules``; a
-``PUBLISH ops:events`` wakes the feed (each connection also re-reads every few
-seconds). Customer ids in alerts are reduced to their last four characters
-(:func:`mask_ids`) before they leave the gateway.
+``PUBLISH ops:events``, heard by the hub's one pub/sub listener (the consoles hold no
+Redis connection of their own), wakes the feed (each connection also re-reads every
+few seconds). On a Redis Cluster the reads share the hub's bound on reads in flight.
+Customer ids in alerts are reduced to their last four characters (:func:`mask_ids`)
+before they leave the gateway.
 
 Authentication, separate from terminal tokens: ``TOUCHSTREAM_GATEWAY_OPS_TOKEN`` as
 ``Authorization: Bearer`` or ``?token=``, or HTTP basic auth with ``ops_user`` /
@@ -40,6 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -51,21 +54,24 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from flows.masking import mask_id
-from gateway.hub import GatewayRedis, Subscription, open_pubsub
+from gateway.hub import GatewayRedis, Subscription
 from gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["LATENCY_BOUNDS_MS", "OpsAuth", "OpsReader", "OpsState", "mask_ids", "ops_routes"]
+__all__ = ["EVENTS_CHANNEL", "LATENCY_BOUNDS_MS", "OpsAuth", "OpsReader", "OpsState",
+           "mask_ids", "ops_routes"]
 
 log = logging.getLogger("touchstream.gateway.ops")
 
 PREFIX = "ops:"
+EVENTS_CHANNEL = PREFIX + "events"
+"""The engine's ops sink publishes here after each batch; the hub listens for consoles."""
 COOKIE = "touchstream_ops"
 SESSION_S = 12 * 3600
 MAX_STREAMS = 32
-"""Open ``/ops/api/events`` streams per process (each holds a pub/sub connection)."""
+"""Open ``/ops/api/events`` streams per process (each re-reads the feed when woken)."""
 POLL_S = 5.0
 MIN_STATE_GAP_S = 1.0
 LATENCY_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000)
@@ -313,11 +319,17 @@ def _streams(reply: Any) -> dict[str, list[tuple[str, Any]]]:
 
 
 class OpsReader:
-    """Loads and follows the ops feed in Redis into an :class:`OpsState`."""
+    """Loads and follows the ops feed in Redis into an :class:`OpsState`.
 
-    def __init__(self, redis: GatewayRedis, prefix: str = PREFIX) -> None:
+    ``slot`` is held around each round trip (the hub's :meth:`~gateway.hub.Hub.read_slot`,
+    which bounds reads on a cluster); none by default.
+    """
+
+    def __init__(self, redis: GatewayRedis, prefix: str = PREFIX, *,
+                 slot: Callable[[], AbstractAsyncContextManager[Any]] | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
+        self._slot = slot if slot is not None else contextlib.nullcontext
 
     def _apply(self, state: OpsState, stream: str, entry_id: str, fields: Any,
                new_alerts: list[dict[str, Any]]) -> None:
@@ -342,7 +354,8 @@ class OpsReader:
         pipe.xrevrange(p + "alerts", "+", "-", count=state.alerts.maxlen or 50)
         pipe.xrevrange(p + "stats:history", "+", "-", count=1)
         pipe.get(p + "stats")
-        rules, pushes, alerts, history, stats = await pipe.execute()
+        async with self._slot():
+            rules, pushes, alerts, history, stats = await pipe.execute()
         state.rules = _json(rules)
         ignored: list[dict[str, Any]] = []
         for name, entries in (("pushes", pushes), ("alerts", alerts),
@@ -361,7 +374,8 @@ class OpsReader:
         for k, v in state.cursors.items():
             pipe.xread({p + k: v}, count=count)
         pipe.get(p + "rules")
-        *replies, rules = await pipe.execute()
+        async with self._slot():
+            *replies, rules = await pipe.execute()
         read: dict[str, list[tuple[str, Any]]] = {}
         for reply in replies:
             read.update(_streams(reply))
@@ -419,7 +433,7 @@ async def ops_state(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     state = OpsState()
     try:
-        await OpsReader(gw.redis).load(state)
+        await OpsReader(gw.redis, slot=gw.hub.read_slot).load(state)
     except (RedisError, OSError):
         return JSONResponse({"error": "unavailable", "detail": "redis unavailable"}, 503,
                             headers={"retry-after": "2"})
@@ -447,29 +461,6 @@ async def _watch(receive: Receive, sub: Subscription) -> None:
             return
 
 
-async def _wakeups(redis: GatewayRedis, channel: str, wake: Callable[[], None]) -> None:
-    """Call ``wake`` on every message on ``channel`` (reconnects; ends when cancelled)."""
-    while True:
-        try:
-            pubsub = await open_pubsub(redis)
-        except (RedisError, OSError):
-            await asyncio.sleep(2.0)
-            continue
-        try:
-            await pubsub.subscribe(channel)
-            wake()
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
-                if msg is not None:
-                    wake()
-        except (RedisError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await asyncio.sleep(2.0)
-
-
 class OpsStream(Response):
     """The SSE response of one console (runs until the client leaves or shutdown)."""
 
@@ -488,7 +479,7 @@ class OpsStream(Response):
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
-        reader = OpsReader(gw.redis)
+        reader = OpsReader(gw.redis, slot=gw.hub.read_slot)
         state = OpsState()
         try:
             await reader.load(state)
@@ -496,10 +487,9 @@ class OpsStream(Response):
             await JSONResponse({"error": "unavailable", "detail": "redis unavailable"}, 503,
                                headers={"retry-after": "2"})(scope, receive, send)
             return
-        sub = Subscription(PREFIX + "events", "0-0", asyncio.current_task())
-        gw.hub.add(sub)  # so a shutdown closes it with the terminal streams
+        sub = Subscription(EVENTS_CHANNEL, "0-0", asyncio.current_task(), coalesce=True)
+        gw.hub.add(sub)  # woken by the hub's listener; a shutdown closes it with the rest
         watcher = asyncio.create_task(_watch(receive, sub))
-        waker = asyncio.create_task(_wakeups(gw.redis, PREFIX + "events", sub.wake.set))
         reason = "client_closed"
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -518,9 +508,6 @@ class OpsStream(Response):
         finally:
             gw.hub.discard(sub)
             watcher.cancel()
-            waker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waker
         if reason == "shutdown":
             with contextlib.suppress(TimeoutError, OSError):
                 async with asyncio.timeout(1.0):

@@ -19,7 +19,15 @@ from flows.model import Alert, Push
 from flows.rules import load_default_rules
 from gateway.ops import COOKIE, LATENCY_BOUNDS_MS, OpsAuth, OpsState, alert_view, mask_ids
 from gateway.settings import GatewaySettings
-from tests.gateway.conftest import SSE, next_event, running_gateway, settings_for
+from tests.gateway.conftest import (
+    SSE,
+    add_push,
+    close_stream,
+    next_event,
+    open_stream,
+    running_gateway,
+    settings_for,
+)
 
 TOKEN = "ops-token-for-tests-0123"
 MIN = 60_000
@@ -240,3 +248,41 @@ def test_shutdown_ends_the_feed_with_bye(redis_url: str) -> None:
         gw.server.stop()
         assert orjson.loads(next_event(sse, "bye")) == {"reason": "shutdown"}
         assert time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.integration
+def test_consoles_hold_no_redis_connection_of_their_own(redis_url: str) -> None:
+    """Open consoles share the hub's one pub/sub listener: more consoles than the pool
+    has connections leave the terminals their reads, and each is still woken."""
+    client = redis.Redis.from_url(redis_url)
+    part = OpsFeedOutput(OpsFeedConfig(url=redis_url)).build("ops", 0, 1)
+    consoles: list[tuple[httpx.Client, Any, SSE]] = []
+    settings = settings_for(redis_url, ops_token=TOKEN, redis_pool_size=3, redis_timeout_s=2.0)
+    try:
+        with running_gateway(settings) as gw:
+            for _ in range(4):
+                c = httpx.Client(timeout=10.0)
+                cm = c.stream("GET", gw.url + "/ops/api/events", params={"token": TOKEN})
+                sse = SSE(cm.__enter__())
+                next_event(sse, "state")
+                consoles.append((c, cm, sse))
+            subscribers = [x for x in client.client_list()
+                           if int(x.get("sub", 0)) + int(x.get("psub", 0)) > 0]
+            assert len(subscribers) == 1  # the hub's listener, whatever the consoles
+            resp = open_stream(gw, "H01-T01", gw.token("H01-T01"))
+            try:
+                assert resp.status_code == 200
+                sse_t = SSE(resp)
+                add_push(client, "H01-T01", 1)
+                assert orjson.loads(next_event(sse_t, "push"))["push_id"] == "p1"
+            finally:
+                close_stream(resp)
+            part.write_batch([_alert(8)])
+            for _, _, sse in consoles:
+                assert orjson.loads(next_event(sse, "alert"))["id"] == "a8"
+    finally:
+        for c, cm, _ in consoles:
+            cm.__exit__(None, None, None)
+            c.close()
+        part.close()
+        client.close()
