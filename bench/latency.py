@@ -70,6 +70,7 @@ from bench.core import BenchContext, PartResult
 from bench.pacer import CLICK_CUSTOMERS, Pacer, PhaseRecord, Traffic, click_profiles, parse_event_id
 from connectors.kafka import create_topics
 from flows.model import Profile
+from gateway.loadtest import cpu_s
 from state.redis_store import RedisProfileStore
 
 __all__ = [
@@ -588,13 +589,13 @@ def broker_pid(brokers: str) -> int | None:
 
 
 def _cpu_s(pid: int | None) -> float | None:
+    """:func:`gateway.loadtest.cpu_s`, or None for no process or one that has exited."""
     if pid is None:
         return None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return cpu_s(pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _CpuSampler:
