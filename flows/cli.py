@@ -1,4 +1,4 @@
-"""The ``touchstream`` command: ``run`` (live), ``replay`` (event time), ``rules validate``."""
+"""The ``touchstream`` command line (:func:`main`); ``touchstream --help`` lists it."""
 
 from __future__ import annotations
 
@@ -325,7 +325,13 @@ def _positive_seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="touchstream", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="touchstream",
+        description="Real-time experience engine: joins terminal clicks with network "
+        "signals per customer, pushes demos to terminals and phones, alerts operations. "
+        "With no options, `touchstream run` plays built-in demo traffic on in-memory state.",
+        epilog="`touchstream <command> --help` for a command's options; README.md for the "
+        "rules, settings and deployment.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
