@@ -285,6 +285,7 @@ def shard_key(shard: int) -> str:
 
 
 WINDOW_SIZES_MS: Final = (60_000, 3_600_000, 86_400_000)
+"""The tumbling stats windows: 1 minute, 1 hour, 1 day (aligned to the UTC epoch)."""
 
 # Terminals name halls, modules and steps: the stats keep at most this many distinct names
 # of each kind (a real estate has hundreds of modules, thousands of steps) and count the
@@ -294,7 +295,6 @@ DEFAULT_MAX_NAMES: Final = 10_000
 OTHER_NAME: Final = "(other)"
 # Counter key kinds whose second part a terminal chooses, and the kind of name it is.
 _NAMED: Final = {"hall": "hall", "module": "module", "step": "step", "dwell": "module"}
-"""The tumbling stats windows: 1 minute, 1 hour, 1 day (aligned to the UTC epoch)."""
 
 _EXACT_S: Final = 120
 _RATIO: Final = 1.05
