@@ -27,7 +27,8 @@ def _visit_order(v: VisitDone) -> tuple[int, str, int]:
 
 
 # A step with no visit in twice the longest window plus this (late and early clocks: live
-# events may be up to an hour ahead) behind the latest visit seen is forgotten.
+# events may be up to engine.max_clock_skew_s ahead, an hour by default) behind the latest
+# visit seen is forgotten; FrictionEngine's ``forget_margin_ms`` raises it.
 FORGET_MARGIN_MS: Final = 3_600_000
 # At most one sweep for forgotten steps per this much event time (or half a window).
 SWEEP_EVERY_MS: Final = 60_000
@@ -43,7 +44,8 @@ class FrictionEngine:
 
     Memory follows the steps visited lately, not every step name a terminal ever sent:
     a step whose latest visit is more than twice the longest window (plus
-    :data:`FORGET_MARGIN_MS`) behind the latest visit evaluated is forgotten, and so is
+    ``forget_margin_ms``, at least :data:`FORGET_MARGIN_MS`; live, the clock skew an
+    event may have) behind the latest visit evaluated is forgotten, and so is
     a step's last alert once no rule's ``once`` (plus the longest window) still holds
     it. In replay, visits are evaluated in leave order, so this changes no alert. Live,
     only a visit that arrives more than about the longest window behind the latest one
@@ -51,8 +53,10 @@ class FrictionEngine:
     """
 
     def __init__(self, rules: RuleSet, shards: int, live: bool,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, *,
+                 forget_margin_ms: int = FORGET_MARGIN_MS) -> None:
         self.rules = rules.of_kind("step_friction")
+        self._margin = max(forget_margin_ms, FORGET_MARGIN_MS)
         self.shards = shards
         self.live = live
         self._keep = max((r.trigger.window for r in self.rules), default=0)
@@ -150,13 +154,13 @@ class FrictionEngine:
 
     def _sweep(self) -> None:
         """Forget the steps and last alerts that no later visit can need (see the class)."""
-        horizon = self.high - 2 * self._keep - FORGET_MARGIN_MS
+        horizon = self.high - 2 * self._keep - self._margin
         for key in [k for k, dq in self.windows.items() if not dq or dq[-1].leave_ts < horizon]:
             del self.windows[key]
             self._dwell_sum.pop(key, None)
             self._who.pop(key, None)
         once = max((r.once_ms for r in self.rules), default=0)
-        cutoff = self.high - once - self._keep - FORGET_MARGIN_MS
+        cutoff = self.high - once - self._keep - self._margin
         self.last_alert = {k: t for k, t in self.last_alert.items() if t >= cutoff}
         self._next_sweep = self.high + max(self._keep // 2, SWEEP_EVERY_MS)
 

@@ -606,7 +606,9 @@ def build_flow(
     def friction_builder(state: bytes | None) -> _FrictionLogic:
         st = unpack(state) if state else None
         rs, applied = _restore_rules(st, rules)
-        return _FrictionLogic(FrictionEngine(rs, es.shards, live, st), rs.version, applied)
+        # a visit stamped up to the allowed clock skew ahead moves no step out of its window
+        eng = FrictionEngine(rs, es.shards, live, st, forget_margin_ms=skew_ms)
+        return _FrictionLogic(eng, rs.version, applied)
 
     if control is not None and not live:
         raise ValueError("rule changes while running (control) need live mode")

@@ -133,3 +133,20 @@ def test_a_restored_engine_forgets_from_its_snapshot_on() -> None:
     steps = {s for _, s in restored.windows}
     assert "step-0" not in steps and "step-400" not in steps and "step-799" in steps
     assert len(restored.windows) < 400
+
+
+def test_a_visit_stamped_ahead_within_the_clock_skew_forgets_no_current_step() -> None:
+    """Live, a terminal's clock may run up to engine.max_clock_skew_s ahead: a visit
+    stamped that far ahead must not push the current steps out of memory."""
+    def run(margin_ms: int) -> list[Alert]:
+        engine = FrictionEngine(RULES, shards=1, live=True, forget_margin_ms=margin_ms)
+        out: list[Any] = []
+        for i in range(4):
+            engine.on_visit(_visit("door_sensor", f"c{i}", T0 + i * MIN, 200 * S), out)
+        engine.on_visit(_visit("bind_mms", "fast-clock", T0 + 20 * H, 10 * S), out)
+        engine.on_visit(_visit("door_sensor", "c4", T0 + 5 * MIN, 200 * S), out)
+        return _alerts(out)
+
+    [alert] = run(margin_ms=24 * H)  # the skew allowed: 24 h
+    assert alert.subject == "remote_cam/door_sensor" and alert.data["n"] == 5
+    assert run(margin_ms=0) == []  # with only the default hour, the four were forgotten
