@@ -19,7 +19,7 @@ __all__ = ["DEFAULT_MAX_NAMES", "OTHER_NAME", "WINDOW_SIZES_MS", "DwellHistogram
            "FrictionEngine", "Sequencer", "StatsEngine", "TumblingWindows", "dwell_bucket",
            "rule_campaigns"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _visit_order(v: VisitDone) -> tuple[int, str, int]:
@@ -603,7 +603,7 @@ class StatsEngine:
                 elif key[1] != OTHER_NAME:
                     if kind not in self._warned:
                         self._warned.add(kind)
-                        logger.warning("stats: more than %d distinct %s names; counting "
+                        log.warning("stats: more than %d distinct %s names; counting "
                                        "further ones as %r", self.max_names, kind, OTHER_NAME)
                     out[key[0], OTHER_NAME, key[2]] += n
                     folded += n

@@ -89,14 +89,15 @@ def _replay(visits: list[VisitDone], forget: bool) -> tuple[list[Alert], int]:
 
 
 def test_forgetting_changes_no_alert_in_replay() -> None:
+    fired = 0
     for seed in range(8):
         visits = sorted(_traffic(seed), key=lambda v: v.leave_ts)
         kept, held = _replay(visits, forget=True)
         everything, held_all = _replay(visits, forget=False)
         assert kept == everything, seed
         assert held < held_all, seed  # something was forgotten
-    assert any(_replay(sorted(_traffic(seed), key=lambda v: v.leave_ts), forget=True)[0]
-               for seed in range(8))
+        fired += len(kept)
+    assert fired
 
 
 def test_forgetting_changes_no_alert_live_with_visits_minutes_out_of_order() -> None:
