@@ -42,8 +42,6 @@ __all__ = ["BacktestReport", "RuleRun", "read_clicks", "read_holdouts", "render_
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_MS = 24 * 3_600_000
-SESSION_GAP_MS = 30 * 60_000
-"""A push's hall is the hall of the customer's last click no older than this."""
 NUMERIC = ("pushes", "customers", "orders", "blocked_total")
 
 
@@ -143,7 +141,8 @@ def read_clicks(events: Path) -> Iterator[ClickEvent]:
 class _HallIndex:
     """Where a customer was: the hall of their last click at or before a time."""
 
-    def __init__(self, clicks: Iterable[ClickEvent]) -> None:
+    def __init__(self, clicks: Iterable[ClickEvent], session_idle_ms: int) -> None:
+        self._gap = session_idle_ms
         self._by: dict[str, list[tuple[int, str]]] = {}
         for c in clicks:
             self._by.setdefault(c.customer_id, []).append((c.ts, c.hall_id))
@@ -151,12 +150,13 @@ class _HallIndex:
             v.sort()
 
     def hall_at(self, customer_id: str, ts: int) -> str:
-        """The hall, or ``-`` if the customer clicked nowhere in the last 30 min."""
+        """The hall, or ``-`` if the customer clicked nowhere within the session idle time
+        (``engine.session_idle_s``, as the engine ends a session)."""
         seq = self._by.get(customer_id)
         if not seq:
             return "-"
         j = bisect.bisect_right(seq, (ts, "\uffff")) - 1
-        if j < 0 or ts - seq[j][0] > SESSION_GAP_MS:
+        if j < 0 or ts - seq[j][0] > self._gap:
             return "-"
         return seq[j][1]
 
@@ -270,7 +270,7 @@ def run_backtest(events: Path, rules: Path | RuleSet, baseline: Path | RuleSet |
     clicks = list(read_clicks(events))
     orders = [OrderRecord(c.customer_id, c.ts, c.module, c.hall_id)
               for c in clicks if c.action == "order" and c.module is not None]
-    halls = _HallIndex(clicks)
+    halls = _HallIndex(clicks, int(settings.engine.session_idle_s * 1000))
     hold = list(holdouts)
     camp = dict(campaigns or {})
     runs: list[RunResult] = []

@@ -548,6 +548,8 @@ def engine_config(settings: Settings) -> EngineConfig:
     es = settings.engine
     return EngineConfig(shards=es.shards,
                         idle_ttl_ms=int(es.idle_ttl_s * 1000),
+                        session_idle_ms=int(es.session_idle_s * 1000),
+                        conversion_window_ms=int(es.conversion_window_s * 1000),
                         sweep_interval_ms=int(es.sweep_interval_s * 1000))
 
 

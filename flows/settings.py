@@ -55,6 +55,16 @@ class EngineSettings(BaseModel):
         description="how often each shard looks for idle customers to evict (event time); "
         "a sweep reads every customer of the shard",
     )
+    session_idle_s: float = Field(
+        1800.0, gt=0,
+        description="a customer's terminal session ends after this long without a click "
+        "(event time); while it is open, pushes go to the terminal, after it to the customer",
+    )
+    conversion_window_s: float = Field(
+        1800.0, gt=0,
+        description="an order of the pushed module this soon after a push (or a control-group "
+        "hold-out) counts as its conversion",
+    )
     stats_interval_s: float = Field(5.0, gt=0, description="live: how often stats are emitted")
     stats_max_names: int = Field(
         10_000, ge=1,

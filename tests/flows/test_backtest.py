@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from connectors.demo import DemoSource, demo_profiles
-from flows.backtest import read_holdouts, render_table, run_backtest
+from flows.backtest import _HallIndex, read_holdouts, render_table, run_backtest
 from flows.cli import main as cli_main
 from flows.codec import json_dumps
+from flows.model import ClickEvent
 from flows.rules import parse_rules
 from flows.runner import replay
 from flows.settings import load_settings
@@ -218,3 +219,13 @@ def test_control_group_of_a_rule_is_held_out_by_the_flow_and_measured(
     assert g["control"] == len(held)
     # the baseline has no control group: nothing is held out there
     assert lines(tmp_path / "bt" / "baseline" / "holdouts.jsonl") == []
+
+
+def test_a_push_is_credited_to_a_hall_clicked_within_the_session_idle_time() -> None:
+    # As the engine ends a session: a gap of exactly the idle time still belongs to it.
+    clicks = [ClickEvent("c1", T0, None, "H01-T01", "H01", "module_enter", "music", None)]
+    half_hour, hour = _HallIndex(clicks, 30 * 60_000), _HallIndex(clicks, 60 * 60_000)
+    assert half_hour.hall_at("c1", T0 + 30 * 60_000) == "H01"
+    assert half_hour.hall_at("c1", T0 + 40 * 60_000) == "-"
+    assert hour.hall_at("c1", T0 + 40 * 60_000) == "H01"
+    assert hour.hall_at("c2", T0) == "-" and hour.hall_at("c1", T0 - 1) == "-"

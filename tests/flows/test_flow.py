@@ -264,3 +264,35 @@ def test_stats_keep_at_most_stats_max_names_of_each_kind(tmp_path: Path) -> None
     assert stats["engine"]["stats_names_folded"] > 0
     tries = sum(h.get("tries", 0) for h in stats["modules"].values())
     assert tries == sum(h.get("tries", 0) for h in whole["modules"].values())  # none lost
+
+
+@pytest.mark.parametrize(("session_idle_s", "unmatched"), [(1800.0, 1), (3600.0, 0)])
+def test_session_idle_setting_decides_whether_a_long_step_still_belongs_to_its_session(
+    tmp_path: Path, session_idle_s: float, unmatched: int
+) -> None:
+    # A step left 40 min after it was entered: past the default 30 min idle the session
+    # has lapsed and the exit matches nothing; with an hour it is a finished visit.
+    click = {"type": "click", "customer_id": "c1", "terminal_id": "T1", "hall_id": "H",
+             "module": "remote_cam", "step": "door"}
+    rows = [{**click, "ts": T0, "action": "step_enter"},
+            {**click, "ts": T0 + 40 * 60_000, "action": "step_exit"}]
+    out = run_replay(tmp_path, "idle", rows, [], session_idle_s=session_idle_s)
+    stats = json.loads(out["stats.json"])
+    assert stats["clicks"].get("unmatched_step_exit", 0) == unmatched
+
+
+@pytest.mark.parametrize(("conversion_window_s", "conversions"), [(1800.0, 0), (3600.0, 1)])
+def test_conversion_window_setting_decides_whether_a_late_order_converts(
+    tmp_path: Path, conversion_window_s: float, conversions: int
+) -> None:
+    # help-sprite pushes remote_cam at T0 + 90 s; the customer orders it 40 min later.
+    click = {"type": "click", "customer_id": "c1", "terminal_id": "T1", "hall_id": "H",
+             "module": "remote_cam"}
+    rows = [{**click, "ts": T0, "action": "step_enter", "step": "door"},
+            {**click, "ts": T0 + 90_000 + 40 * 60_000, "action": "order"}]
+    out = run_replay(tmp_path, "conv", rows, [], workers=2,
+                     conversion_window_s=conversion_window_s)
+    stats = json.loads(out["stats.json"])
+    assert stats["rules"]["help-sprite"]["pushes"] == 1
+    assert stats["rules"]["help-sprite"].get("conversions", 0) == conversions
+    assert stats["conversion_window_s"] == conversion_window_s
