@@ -23,7 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,10 +243,11 @@ def redis_exe() -> str:
     return exe
 
 
-def start_redis(work_dir: Path, exe: str | None = None) -> Service:
+def start_redis(work_dir: Path, exe: str | None = None, extra: Sequence[str] = ()) -> Service:
     """Start a redis-server (``--save "" --appendonly no``) on a free port.
 
-    Its working directory and log (``redis-PORT.log``) are in ``work_dir``.
+    Its working directory and log (``redis-PORT.log``) are in ``work_dir``; ``extra``
+    are further configuration arguments (``--rename-command X '""'``, say).
 
     :raises ServiceError: no executable, or it did not answer PING after a few attempts.
     """
@@ -269,6 +270,7 @@ def start_redis(work_dir: Path, exe: str | None = None) -> Service:
                     "--dir", str(work_dir),
                     "--daemonize", "no",
                     "--databases", "16",
+                    *extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -62,6 +62,7 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,6 +79,7 @@ from redis.exceptions import (
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     TryAgainError,
 )
 from redis.typing import EncodableT, FieldT
@@ -424,12 +426,22 @@ class RedisHealth:
             self._cond.notify_all()
 
 
+_NO_READ_ONLY_EVAL: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Clients whose Redis has no ``EVALSHA_RO`` (before 7.0): read-only calls use ``EVALSHA``."""
+
+
+def _unknown_command(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).lower().startswith("unknown command")
+
+
 def run_scripts(client: RedisClient, script: str, sha: str,
                 calls: Sequence[Sequence[EncodableT]], *, read_only: bool = False) -> list[Any]:
     """Run ``EVALSHA sha <call...>`` for every call in one pipeline; the replies in order.
 
     ``read_only`` sends ``EVALSHA_RO`` (Redis ≥ 7): the script may not write, and its keys
-    need only read permission (an ACL ``%R~`` pattern).
+    need only read permission (an ACL ``%R~`` pattern). A Redis without it (6.x) answers
+    "unknown command": those calls (none of which ran) are sent again as ``EVALSHA``,
+    and so is every later read-only call on this client (one warning says so).
 
     Each call is ``numkeys, *keys, *argv`` (on a cluster, its keys in one slot: the
     pipeline sends it to that slot's node). If Redis lost the script (restart,
@@ -440,22 +452,33 @@ def run_scripts(client: RedisClient, script: str, sha: str,
     """
     out: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
-    for _attempt in range(2):
+    for _attempt in range(3):
+        ro = read_only and client not in _NO_READ_ONLY_EVAL
+        cmd = "EVALSHA_RO" if ro else "EVALSHA"
         pipe = client.pipeline(transaction=False)
         for c in todo:
-            pipe.execute_command("EVALSHA_RO" if read_only else "EVALSHA", sha, *calls[c])
+            pipe.execute_command(cmd, sha, *calls[c])
         replies = pipe.execute(raise_on_error=False)
         retry: list[int] = []
+        load = False
         for c, reply in zip(todo, replies, strict=True):
             if isinstance(reply, NoScriptError):
                 retry.append(c)  # nothing of this call ran: safe to run again
+                load = True
+            elif ro and _unknown_command(reply):
+                retry.append(c)  # nor of this one
+                if client not in _NO_READ_ONLY_EVAL:
+                    _NO_READ_ONLY_EVAL.add(client)
+                    log.warning("Redis has no EVALSHA_RO (it is older than 7.0): read-only "
+                                "scripts run with EVALSHA on this connection")
             elif isinstance(reply, Exception):
                 raise reply
             else:
                 out[c] = reply
         if not retry:
             return out
-        client.script_load(script)  # on a cluster: on every primary
+        if load:
+            client.script_load(script)  # on a cluster: on every primary
         todo = retry
     raise RuntimeError("a Lua script could not be loaded")
 

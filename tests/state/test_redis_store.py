@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import Counter
@@ -13,6 +14,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from bench.services import start_redis, stop
 from flows.codec import pack, unpack
 from flows.model import Profile
 from state.guards import FOREVER_MS, Decision, GuardRequest, InMemoryGuardStore
@@ -299,6 +301,34 @@ def test_batch_read_reloads_a_flushed_script(client: CountingRedis, admin: redis
     admin.script_flush()  # as after a restart or a failover
     assert store.get_many(ids) == {p.customer_id: p for p in profiles}
     assert store.health.errors == 0
+
+
+def test_a_redis_without_evalsha_ro_is_read_with_evalsha(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis before 7.0 has no EVALSHA_RO; here a 7.x server with it renamed away answers
+    # the same "unknown command" (a 6.2 server was checked by hand: see README).
+    service = start_redis(tmp_path, extra=("--rename-command", "EVALSHA_RO", '""'))
+    c = CountingRedis.from_url(service.address)
+    try:
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            c.execute_command("EVALSHA_RO", "0" * 40, 0)
+        store = RedisProfileStore(c, cache_ttl_s=0)
+        profiles = [Profile(f"C{i}", segment=str(i)) for i in range(5)]
+        store.put_many(profiles)
+        ids = [p.customer_id for p in profiles]
+        with caplog.at_level(logging.WARNING, logger="state.redis_store"):
+            assert store.get_many(ids) == {p.customer_id: p for p in profiles}
+            c.round_trips = 0
+            assert store.get_many(ids) == {p.customer_id: p for p in profiles}
+        assert c.round_trips == 1  # the second batch went straight to EVALSHA
+        assert [r.getMessage() for r in caplog.records].count(
+            "Redis has no EVALSHA_RO (it is older than 7.0): read-only scripts run with "
+            "EVALSHA on this connection") == 1
+        assert store.health.errors == 0 and store.bad_profiles == 0
+    finally:
+        c.close()
+        stop(service)
 
 
 def test_fields_touchstream_does_not_know_are_left_alone(
