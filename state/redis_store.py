@@ -470,7 +470,7 @@ def run_scripts(client: RedisClient, script: str, sha: str,
                 if client not in _NO_READ_ONLY_EVAL:
                     _NO_READ_ONLY_EVAL.add(client)
                     log.warning("Redis has no EVALSHA_RO (it is older than 7.0): read-only "
-                                "scripts run with EVALSHA on this connection")
+                                "scripts run with EVALSHA on this client")
             elif isinstance(reply, Exception):
                 raise reply
             else:

@@ -324,7 +324,7 @@ def test_a_redis_without_evalsha_ro_is_read_with_evalsha(
         assert c.round_trips == 1  # the second batch went straight to EVALSHA
         assert [r.getMessage() for r in caplog.records].count(
             "Redis has no EVALSHA_RO (it is older than 7.0): read-only scripts run with "
-            "EVALSHA on this connection") == 1
+            "EVALSHA on this client") == 1
         assert store.health.errors == 0 and store.bad_profiles == 0
     finally:
         c.close()
