@@ -19,6 +19,8 @@ from gateway.settings import GatewaySettings
 from gateway.tokens import TokenSigner
 
 SECRET = "test-only-secret-" + "0123456789abcdef" * 2
+OPS_TOKEN = "ops-token-for-tests-0123"
+"""The ops console's token in the tests that open it."""
 
 
 def settings_for(redis_url: str, **over: Any) -> GatewaySettings:

@@ -24,6 +24,7 @@ from flows.model import Alert, Push
 from flows.rules import load_default_rules
 from gateway.hub import Hub
 from tests.gateway.conftest import (
+    OPS_TOKEN,
     SSE,
     Running,
     close_stream,
@@ -32,8 +33,6 @@ from tests.gateway.conftest import (
     running_gateway,
     settings_for,
 )
-
-TOKEN = "ops-token-for-tests-0123"
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def rc(redis_cluster_url: str) -> Iterator[RedisCluster]:
 
 @pytest.fixture
 def cluster_gateway(redis_cluster_url: str) -> Iterator[Running]:
-    settings = settings_for(redis_cluster_url, redis_cluster=True, ops_token=TOKEN)
+    settings = settings_for(redis_cluster_url, redis_cluster=True, ops_token=OPS_TOKEN)
     with running_gateway(settings) as gw:
         yield gw
 
@@ -131,7 +130,7 @@ def test_ops_console_reads_a_feed_spread_over_slots(
         part.write_batch([_push("H01-T06", 1), alert, {"halls": {"H01": {"tries": 3}}}])
         write_rules(rc, load_default_rules())
         with httpx.Client(base_url=cluster_gateway.url, timeout=10.0,
-                          headers={"authorization": f"Bearer {TOKEN}"}) as c:
+                          headers={"authorization": f"Bearer {OPS_TOKEN}"}) as c:
             state = c.get("/ops/api/state")
             assert state.status_code == 200
             doc = state.json()

@@ -20,6 +20,7 @@ from flows.rules import load_default_rules
 from gateway.ops import COOKIE, LATENCY_BOUNDS_MS, OpsAuth, OpsState, alert_view, mask_ids
 from gateway.settings import GatewaySettings
 from tests.gateway.conftest import (
+    OPS_TOKEN,
     SSE,
     add_push,
     close_stream,
@@ -29,7 +30,6 @@ from tests.gateway.conftest import (
     settings_for,
 )
 
-TOKEN = "ops-token-for-tests-0123"
 MIN = 60_000
 T0 = 1_700_000_040_000 // MIN * MIN
 
@@ -113,9 +113,9 @@ def test_alerts_newest_first_and_bounded() -> None:
 
 
 def test_auth_token_basic_cookie() -> None:
-    auth = OpsAuth(_settings(ops_token=TOKEN, ops_user="ops", ops_password="pass-word-123"))
-    assert auth.check(_conn({"authorization": f"Bearer {TOKEN}"})) == "token"
-    assert auth.check(_conn(query=f"token={TOKEN}")) == "token"
+    auth = OpsAuth(_settings(ops_token=OPS_TOKEN, ops_user="ops", ops_password="pass-word-123"))
+    assert auth.check(_conn({"authorization": f"Bearer {OPS_TOKEN}"})) == "token"
+    assert auth.check(_conn(query=f"token={OPS_TOKEN}")) == "token"
     assert auth.check(_conn(_basic("ops", "pass-word-123"))) == "basic"
     assert auth.check(_conn(_basic("ops", "wrong-password"))) is None
     assert auth.check(_conn(_basic("other", "pass-word-123"))) is None
@@ -128,7 +128,7 @@ def test_auth_token_basic_cookie() -> None:
     assert auth.check(_conn({"cookie": f"{COOKIE}={cookie[:-1]}0"}), now=1001.0) is None
     other = OpsAuth(_settings(ops_token="another-token-4567"))
     assert other.check(_conn({"cookie": f"{COOKIE}={cookie}"}), now=1001.0) is None
-    assert TOKEN not in repr(auth) and "pass-word" not in repr(auth)
+    assert OPS_TOKEN not in repr(auth) and "pass-word" not in repr(auth)
     closed = OpsAuth(_settings())
     assert not closed.configured and closed.check(_conn(query="token=")) is None
     assert closed.deny().status_code == 401
@@ -139,8 +139,8 @@ def test_ops_settings_validation() -> None:
         _settings(ops_user="ops")
     with pytest.raises(ValidationError, match="at least 12"):
         _settings(ops_token="short")
-    s = _settings(ops_token=TOKEN, ops_user="ops", ops_password="pass-word-123")
-    assert TOKEN not in repr(s) and "pass-word-123" not in repr(s)
+    s = _settings(ops_token=OPS_TOKEN, ops_user="ops", ops_password="pass-word-123")
+    assert OPS_TOKEN not in repr(s) and "pass-word-123" not in repr(s)
 
 
 # --- over real sockets -----------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_endpoints_auth_and_state(redis_url: str, caplog: pytest.LogCaptureFixtu
     try:
         part.write_batch([_push(1), _alert(1), {"halls": {"H01": {"tries": 3}}}])
         write_rules(r, load_default_rules())
-        settings = settings_for(redis_url, ops_token=TOKEN, ops_user="ops",
+        settings = settings_for(redis_url, ops_token=OPS_TOKEN, ops_user="ops",
                                 ops_password="pass-word-123")
         with running_gateway(settings) as gw, httpx.Client(base_url=gw.url) as c:
             for path in ("/ops", "/ops/api/state", "/ops/api/events"):
@@ -175,7 +175,7 @@ def test_endpoints_auth_and_state(redis_url: str, caplog: pytest.LogCaptureFixtu
                 assert denied.status_code == 401
                 assert denied.headers["www-authenticate"].startswith("Basic")
             assert c.get("/ops", params={"token": "wrong-token-000"}).status_code == 401
-            page = c.get("/ops", params={"token": TOKEN})
+            page = c.get("/ops", params={"token": OPS_TOKEN})
             assert page.status_code == 200 and "/static/ops.js" in page.text
             assert "script-src 'self'" in page.headers["content-security-policy"]
             assert COOKIE in page.headers["set-cookie"]
@@ -194,13 +194,13 @@ def test_endpoints_auth_and_state(redis_url: str, caplog: pytest.LogCaptureFixtu
                 assert fresh.get("/ops/api/state", headers=_basic("ops", "pass-word-123")
                                  ).status_code == 200
                 assert fresh.get("/ops/api/state", headers={
-                    "authorization": f"Bearer {TOKEN}"}).status_code == 200
+                    "authorization": f"Bearer {OPS_TOKEN}"}).status_code == 200
     finally:
         part.close()
         r.close()
     logged = "\n".join(rec.getMessage() for rec in caplog.records
                        if not rec.name.startswith("httpx"))  # the client logs its own URL
-    assert "/ops" in logged and TOKEN not in logged
+    assert "/ops" in logged and OPS_TOKEN not in logged
 
 
 @pytest.mark.integration
@@ -215,10 +215,10 @@ def test_not_configured_is_closed(redis_url: str) -> None:
 def test_live_feed_sends_alerts_as_they_fire(redis_url: str) -> None:
     part = OpsFeedOutput(OpsFeedConfig(url=redis_url)).build("ops", 0, 1)
     try:
-        with running_gateway(settings_for(redis_url, ops_token=TOKEN)) as gw, \
+        with running_gateway(settings_for(redis_url, ops_token=OPS_TOKEN)) as gw, \
                 httpx.Client(timeout=10.0) as c, \
                 c.stream("GET", gw.url + "/ops/api/events",
-                         headers={"authorization": f"Bearer {TOKEN}"}) as resp:
+                         headers={"authorization": f"Bearer {OPS_TOKEN}"}) as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             sse = SSE(resp)
@@ -239,9 +239,9 @@ def test_live_feed_sends_alerts_as_they_fire(redis_url: str) -> None:
 
 @pytest.mark.integration
 def test_shutdown_ends_the_feed_with_bye(redis_url: str) -> None:
-    with running_gateway(settings_for(redis_url, ops_token=TOKEN)) as gw, \
+    with running_gateway(settings_for(redis_url, ops_token=OPS_TOKEN)) as gw, \
             httpx.Client(timeout=10.0) as c, \
-            c.stream("GET", gw.url + "/ops/api/events", params={"token": TOKEN}) as resp:
+            c.stream("GET", gw.url + "/ops/api/events", params={"token": OPS_TOKEN}) as resp:
         sse = SSE(resp)
         next_event(sse, "state")
         t0 = time.monotonic()
@@ -257,12 +257,12 @@ def test_consoles_hold_no_redis_connection_of_their_own(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     part = OpsFeedOutput(OpsFeedConfig(url=redis_url)).build("ops", 0, 1)
     consoles: list[tuple[httpx.Client, Any, SSE]] = []
-    settings = settings_for(redis_url, ops_token=TOKEN, redis_pool_size=3, redis_timeout_s=2.0)
+    settings = settings_for(redis_url, ops_token=OPS_TOKEN, redis_pool_size=3, redis_timeout_s=2.0)
     try:
         with running_gateway(settings) as gw:
             for _ in range(4):
                 c = httpx.Client(timeout=10.0)
-                cm = c.stream("GET", gw.url + "/ops/api/events", params={"token": TOKEN})
+                cm = c.stream("GET", gw.url + "/ops/api/events", params={"token": OPS_TOKEN})
                 sse = SSE(cm.__enter__())
                 next_event(sse, "state")
                 consoles.append((c, cm, sse))
