@@ -192,8 +192,11 @@ def test_the_engine_sink_feeds_the_gateway(gateway: Running, redis_url: str) -> 
 
 def test_token_expiry_ends_the_stream(redis_url: str) -> None:
     with running_gateway(settings_for(redis_url, token_leeway_s=0)) as gw:
-        resp = open_stream(gw, "T1", gw.signer.issue("T1", 1))
+        # exp is whole seconds after a truncated iat: a 1 s token may have expired before
+        # the stream opens on a loaded host (seen in CI: 401, no stream); 2 s leave >= 1 s
+        resp = open_stream(gw, "T1", gw.signer.issue("T1", 2))
         try:
+            assert resp.status_code == 200
             sse = SSE(resp)
             events = []
             while (ev := sse.next()) is not None:
