@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from flows.cel import ConditionError, DwellEvent
+from flows.codec import pack, unpack
 from flows.model import (
     Alert,
     CallsEvent,
@@ -275,6 +276,8 @@ class ShardEngine:
         config: EngineConfig,
         state: dict[str, Any] | None = None,
         quota: QuotaStore | None = None,
+        *,
+        incremental: bool = False,
     ) -> None:
         self.shard = shard
         # Campaign quotas are shared by all workers: by default every engine of this
@@ -287,6 +290,11 @@ class ShardEngine:
         self._held: Mapping[str, Profile] = NO_PROFILES
         self.config = config
         self.customers: dict[str, Customer] = {}
+        # Incremental snapshots (a flow with a recovery store): each customer's state as
+        # packed by the last snapshot, and the customers changed (or evicted) since, so a
+        # snapshot packs only those instead of every customer of the shard.
+        self._packed: dict[str, bytes] = {}
+        self._changed: set[str] | None = set() if incremental else None
         self.timers: list[tuple[int, str, str, str]] = []  # deadline, customer, visit, rule
         self.buffer: list[tuple[int, str, int, Envelope]] = []
         self.wm = 0
@@ -347,12 +355,18 @@ class ShardEngine:
     # --- snapshots -------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole shard as plain data (customers, timers, buffer, pending counts)."""
+        """The whole shard as plain data (customers, timers, buffer, pending counts).
+
+        Customers are under ``customers`` (each one's :meth:`Customer.to_state`) or, when
+        the engine was made ``incremental``, under ``packed``: each one's state as
+        MessagePack bytes, re-packed only for customers changed since the last snapshot
+        (``python -m bench snapshot``). That map is the engine's own and changes with the
+        next event: encode the snapshot before applying more.
+        """
         self._fold_counts()
-        return {
+        snap: dict[str, Any] = {
             "wm": self.wm,
             "next_sweep": self.next_sweep,
-            "customers": {k: c.to_state() for k, c in self.customers.items()},
             "timers": [list(t) for t in self.timers],
             "buffer": [
                 [ts, src, pos, _env_to_state(env)] for ts, src, pos, env in self.buffer
@@ -360,11 +374,35 @@ class ShardEngine:
             "counts": [[list(k), v] for k, v in self.counts.items()],
             "quota": {k: sorted(v) for k, v in self.taken.items()},
         }
+        changed = self._changed
+        if changed is None:
+            snap["customers"] = {k: c.to_state() for k, c in self.customers.items()}
+            return snap
+        packed = self._packed
+        customers = self.customers
+        for cid in changed:
+            c = customers.get(cid)
+            if c is None:
+                packed.pop(cid, None)  # evicted
+            else:
+                packed[cid] = pack(c.to_state())
+        changed.clear()
+        snap["packed"] = packed
+        return snap
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.wm = state["wm"]
         self.next_sweep = state["next_sweep"]
-        self.customers = {k: Customer.from_state(v) for k, v in state["customers"].items()}
+        if "packed" in state:
+            packed: dict[str, bytes] = state["packed"]
+            self.customers = {k: Customer.from_state(unpack(v)) for k, v in packed.items()}
+        else:  # a full snapshot, or one written before incremental snapshots
+            self.customers = {k: Customer.from_state(v) for k, v in state["customers"].items()}
+            packed = {}
+        if self._changed is not None:
+            # What the snapshot held packed is current; anything else is packed next time.
+            self._packed = packed
+            self._changed.update(k for k in self.customers if k not in packed)
         self.timers = [(a, b, c, d) for a, b, c, d in state["timers"]]
         heapq.heapify(self.timers)
         self.buffer = [(ts, src, pos, _env_from_state(e)) for ts, src, pos, e in state["buffer"]]
@@ -476,6 +514,9 @@ class ShardEngine:
         c = self.customers.get(cid)
         if c is None:
             c = self.customers[cid] = Customer()
+        changed = self._changed
+        if changed is not None:
+            changed.add(cid)
         c.last_ts = max(c.last_ts, ev.ts)
         typed = self._typed
         typ = ev.type
@@ -711,6 +752,8 @@ class ShardEngine:
         c = self.customers.get(cid)
         if c is None:
             return
+        if self._changed is not None:
+            self._changed.add(cid)
         st = c.step
         if st is None or st.key != visit_key or (st.fired is not None and rule_id in st.fired):
             return
@@ -1042,8 +1085,11 @@ class ShardEngine:
             for k, c in self.customers.items()
             if c.last_ts < cutoff and (c.step is None or c.step.enter_ts + max_dwell <= now)
         ]
+        changed = self._changed
         for k in dead:
             del self.customers[k]
+            if changed is not None:
+                changed.add(k)
         if dead:
             self.counts["engine", "evicted"] += len(dead)
 

@@ -602,7 +602,8 @@ def build_flow(
     def shard_builder(state: bytes | None) -> _ShardLogic:
         st = unpack(state) if state else None
         rs, applied = _restore_rules(st, rules)
-        eng = ShardEngine(-1, rs, profiles, config, st, quota=quotas)
+        # with a recovery store, each epoch's snapshot re-packs only the changed customers
+        eng = ShardEngine(-1, rs, profiles, config, st, quota=quotas, incremental=recovery)
         return _ShardLogic(eng, intake, now_ms, stats_ms, recovery, applied)
 
     def friction_builder(state: bytes | None) -> _FrictionLogic:

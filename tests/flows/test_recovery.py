@@ -30,6 +30,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from flows.cli import _parser, _recovery_overrides
 from flows.cli import main as cli_main
 from flows.codec import json_dumps
+from flows.engine import shard_of
 from flows.experience import Outputs, build_flow
 from flows.model import Push, RawRecord
 from flows.rules import load_default_rules
@@ -152,6 +153,32 @@ def test_pending_dwell_and_place_history_survive_a_crash(tmp_path: Path) -> None
 
     # Control: the same restart without that snapshot earns nothing.
     assert _run_live(tail, clock, None, []) == []
+
+
+def test_a_customer_untouched_since_a_restart_is_in_the_snapshots_after_it(
+    tmp_path: Path
+) -> None:
+    """Snapshots re-pack only changed customers: one whose shard is busy after a restart
+    while they send nothing is kept through the next stop too (their cinema history
+    still earns the push in a third run)."""
+    init_db_dir(tmp_path, 1)  # type: ignore[no-untyped-call]
+    clock = [T0 + 10 * S]
+    neighbour = next(c for c in (f"139{i:08d}" for i in range(1000))
+                     if shard_of(c, 4) == shard_of(CINEMA, 4))
+    mall = {"type": "location", "customer_id": neighbour, "ts": T0 + 20 * S,
+            "cell_id": "C9", "poi": "mall", "event_id": "mall-1"}
+    items: list[Any] = [
+        *_first_run_items(),
+        _rec(4, mall),  # the only event of the second run, on the cinema customer's shard
+        _rec(5, _cinema(T0 + 95 * S)), TestingSource.PAUSE(timedelta(seconds=0.5)),
+    ]
+    runs: list[list[Any]] = [[], [], []]
+    pushes = [_run_live(items, clock, tmp_path, seen, StopRequest(), stop_after=stop)
+              for seen, stop in zip(runs, (4, 1, None), strict=True)]
+    assert [[r.pos for r in seen if isinstance(r, RawRecord)] for seen in runs] == [
+        [0, 1, 2, 3], [4], [5]]
+    assert pushes[:2] == [[], []]
+    assert [(p.rule_id, p.customer_id) for p in pushes[2]] == [("cinema-pay", CINEMA)]
 
 
 def test_a_stop_ends_the_input_emits_nothing_early_and_the_restart_goes_on(
