@@ -28,7 +28,8 @@ from bench.host import add_reference
 from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
-EXTRA_PARTS = ("gateway_idle", "broker_fetch", "decode", "profile_reads")  # run only when named
+# run only when named
+EXTRA_PARTS = ("gateway_idle", "broker_fetch", "decode", "profile_reads", "snapshot")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
