@@ -266,7 +266,12 @@ Out = list[Any]
 
 
 class ShardEngine:
-    """All customers of one shard, their timers, and (in replay) the reorder buffer."""
+    """All customers of one shard, their timers, and (in replay) the reorder buffer.
+
+    ``incremental`` (a flow with a recovery store) makes :meth:`snapshot` pack only the
+    customers changed since the last snapshot and keep every customer's packed bytes
+    in between (about 90 B per customer; ``python -m bench snapshot``).
+    """
 
     def __init__(
         self,
@@ -401,7 +406,7 @@ class ShardEngine:
             packed = {}
         if self._changed is not None:
             # What the snapshot held packed is current; anything else is packed next time.
-            self._packed = packed
+            self._packed = dict(packed)  # never another engine's map
             self._changed.update(k for k in self.customers if k not in packed)
         self.timers = [(a, b, c, d) for a, b, c, d in state["timers"]]
         heapq.heapify(self.timers)
