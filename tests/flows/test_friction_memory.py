@@ -1,15 +1,23 @@
 """Step friction forgets the steps nobody visits any more (terminals choose step names),
-without changing an alert."""
+without changing an alert; the flow gives it the clock skew live input accepts."""
 
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 from typing import Any
 
+import pytest
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+
 from flows.aggregates import FORGET_MARGIN_MS, SWEEP_EVERY_MS, FrictionEngine
+from flows.codec import json_dumps
 from flows.engine import Progress, VisitDone
-from flows.model import Alert
+from flows.experience import Outputs, build_flow
+from flows.model import Alert, RawRecord
 from flows.rules import load_default_rules
+from flows.settings import load_settings
+from state.profiles import InMemoryProfileStore
 from tests.flows.helpers import MIN, T0, H, S
 
 RULES = load_default_rules()  # step-friction: 60 min window, 5 customers, mean 100 s, once 60 min
@@ -151,3 +159,52 @@ def test_a_visit_stamped_ahead_within_the_clock_skew_forgets_no_current_step() -
     [alert] = run(margin_ms=24 * H)  # the skew allowed: 24 h
     assert alert.subject == "remote_cam/door_sensor" and alert.data["n"] == 5
     assert run(margin_ms=0) == []  # with only the default hour, the four were forgotten
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_flow_gives_step_friction_the_clock_skew_it_accepts(workers: int) -> None:
+    """build_flow hands engine.max_clock_skew_s to step friction: live, with a 24 h skew
+    allowed, a visit stamped 20 h ahead is accepted and forgets no current step, so five
+    slow visits of one step still make the alert (with the default hour of margin alone
+    the four before were forgotten: no alert)."""
+    now = T0
+    items: list[Any] = []
+
+    def visit(cid: str, step: str, enter: int, dwell: int) -> None:
+        docs = [("session_start", None, None, enter - 2 * S),
+                ("module_enter", "remote_cam", None, enter - S),
+                ("step_enter", "remote_cam", step, enter),
+                ("step_exit", "remote_cam", step, enter + dwell)]
+        for action, module, st, ts in docs:
+            doc: dict[str, Any] = {"type": "click", "customer_id": cid, "ts": ts,
+                                   "action": action, "terminal_id": "H01-T01",
+                                   "hall_id": "H01", "event_id": f"{cid}-{action}-{ts}"}
+            if module:
+                doc["module"] = module
+            if st:
+                doc["step"] = st
+            items.append(RawRecord("touch.clicks/0", len(items), json_dumps(doc),
+                                   cid.encode()))
+
+    for i in range(4):
+        visit(f"c{i}", "door_sensor", now - 280 * S + i * 10 * S, 200 * S)
+    items.append(TestingSource.PAUSE(timedelta(milliseconds=300)))
+    visit("fast-clock", "bind_mms", now + 20 * H, 10 * S)  # its terminal's clock runs ahead
+    items.append(TestingSource.PAUSE(timedelta(milliseconds=300)))
+    visit("c4", "door_sensor", now - 240 * S, 200 * S)
+    settings = load_settings(mode="live", engine={"shards": 4, "stats_interval_s": 3600,
+                                                  "max_clock_skew_s": 24 * 3600})
+    alerts: list[Alert] = []
+    dead: list[Any] = []
+    flow = build_flow(settings, source=TestingSource(items),
+                      outputs=Outputs(alerts=[TestingSink(alerts)],
+                                      dead_letters=[TestingSink(dead)]),
+                      rules=RULES, profiles=InMemoryProfileStore(), now_ms=lambda: now)
+    if workers == 1:
+        run_main(flow, epoch_interval=timedelta(milliseconds=50))  # type: ignore[no-untyped-call]
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=2,  # type: ignore[no-untyped-call]
+                     epoch_interval=timedelta(milliseconds=50))
+    assert dead == []  # the visit 20 h ahead was accepted
+    step_alerts = [a for a in alerts if a.type == "touchstream.dwell.step"]
+    assert [(a.subject, a.data["n"]) for a in step_alerts] == [("remote_cam/door_sensor", 5)]
