@@ -7,9 +7,12 @@ part produces them) and times, per record, in the same process and run:
 * ``orjson.loads`` alone: the floor of any JSON decoder in Python;
 * ``decode_record``: the engine's decoding (parse, validate every field, build the
   frozen event and its envelope);
-* event construction, as the engine builds it (its own ``__init__`` over the slot
-  descriptors) and as ``@dataclass(frozen=True, slots=True)`` would generate it for
-  the same fields: the ratio says what the hand-written constructors save;
+* event construction: as decoding builds it (``flows.model._location``: a plain draft
+  of the same slots, fields stored, then its class set), as a call of the class
+  (``LocationEvent(...)``, which uses the same builder), as the engine built it before
+  (``__init__`` writing each field through its slot descriptor's ``__set__``), and as
+  ``@dataclass(frozen=True, slots=True)`` would generate it for the same fields; the
+  ratio is decoding's builder against the generated one;
 * ``blake2b`` of the record's bytes: the idempotency key of a record without an
   ``event_id``, which decoding no longer pays (:attr:`flows.model.Envelope.key` hashes
   when a push, an alert, a session or a step asks for it).
@@ -39,6 +42,7 @@ from bench.core import BenchContext, PartResult
 from bench.workload import Workload, profiles
 from flows.experience import Outputs, build_flow
 from flows.model import DEFAULT_LIMITS, LocationEvent, RawRecord, decode_record
+from flows.model import _location as build_location  # decoding's builder, measured
 from flows.rules import load_default_rules
 from flows.settings import load_settings
 from state.profiles import InMemoryProfileStore
@@ -60,6 +64,34 @@ GeneratedLocation = dataclasses.make_dataclass(
      for f in dataclasses.fields(LocationEvent)],
     frozen=True, slots=True,
 )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
+class SlotSetterLocation:
+    """LocationEvent as the engine built it before: ``__init__`` over the slots' ``__set__``."""
+
+    customer_id: str
+    ts: int
+    event_id: str | None
+    cell_id: str
+    poi: str | None
+    poi_id: str | None = None
+    type: str = dataclasses.field(default="location", init=False, repr=False)
+
+    def __init__(self, customer_id: str, ts: int, event_id: str | None, cell_id: str,
+                 poi: str | None, poi_id: str | None = None) -> None:
+        s_cid, s_ts, s_eid, s_cell, s_poi, s_poi_id, s_type = _SLOT_SETTERS
+        s_cid(self, customer_id)
+        s_ts(self, ts)
+        s_eid(self, event_id)
+        s_cell(self, cell_id)
+        s_poi(self, poi)
+        s_poi_id(self, poi_id)
+        s_type(self, "location")
+
+
+_SLOT_SETTERS = tuple(SlotSetterLocation.__dict__[f.name].__set__
+                      for f in dataclasses.fields(SlotSetterLocation))
 
 
 def records(n: int, customers: int, now_ms: int) -> list[RawRecord]:
@@ -109,7 +141,8 @@ def _plot(result: PartResult, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     names = ["orjson.loads (floor)", "decode_record", "blake2b key (deferred)",
-             "event init: generated", "event init: engine's"]
+             "event init: generated", "event init: slot setters (before)",
+             "event init: class call", "event init: engine's"]
     meds = [result.figure(f"{n}, per record", "ns").median for n in names]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.barh(names[::-1], meds[::-1], color="#4c72b0")
@@ -140,9 +173,15 @@ def run(ctx: BenchContext) -> PartResult:
             .values.append(_per_item_ns(
                 lambda r: hashlib.blake2b(r.value, digest_size=12).hexdigest(), recs))
         gen = _construct_ns(GeneratedLocation, len(recs))
-        own = _construct_ns(LocationEvent, len(recs))
+        setters = _construct_ns(SlotSetterLocation, len(recs))
+        call = _construct_ns(LocationEvent, len(recs))
+        own = _construct_ns(build_location, len(recs))
         result.figure("event init: generated, per record", "ns", higher_is_better=False) \
             .values.append(gen)
+        result.figure("event init: slot setters (before), per record", "ns",
+                      higher_is_better=False).values.append(setters)
+        result.figure("event init: class call, per record", "ns", higher_is_better=False) \
+            .values.append(call)
         result.figure("event init: engine's, per record", "ns", higher_is_better=False) \
             .values.append(own)
         result.figure("event init: engine's/generated", "ratio", higher_is_better=False) \

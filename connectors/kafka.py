@@ -64,7 +64,7 @@ from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports i
 from prometheus_client import Gauge
 
 from flows.metrics import KAFKA_CLIENT_ERRORS, KAFKA_CONSUMER_LAG, KAFKA_OFFSET_RESETS
-from flows.model import Format, RawRecord
+from flows.model import Format, RawRecord, raw_record
 
 __all__ = [
     "DEFAULT_TOPIC_CONFIG",
@@ -258,16 +258,9 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             if self._next >= 0 and offset < self._next:
                 continue  # never re-emit what the resume state says was read
             value: bytes | None = msg.value()
-            batch.append(
-                RawRecord(
-                    source=self._source,
-                    pos=offset,
-                    # A tombstone (null value) becomes b"" so decoding dead-letters it.
-                    value=b"" if value is None else value,
-                    key=msg.key(),
-                    fmt=self._fmt,
-                )
-            )
+            # A tombstone (null value) becomes b"" so decoding dead-letters it.
+            batch.append(raw_record(self._source, offset, b"" if value is None else value,
+                                    msg.key(), self._fmt))
             self._next = offset + 1
             self._at_end = False
             if self._left is not None:

@@ -87,7 +87,7 @@ from redis.typing import EncodableT, FieldT
 from flows.codec import json_dumps, json_loads, unpack
 from flows.masking import mask_id
 from flows.metrics import PROFILE_DEGRADED_READS, REDIS_RTT, REDIS_UNAVAILABLE
-from flows.model import Profile, check_profile_customer_id, profile_from_dict
+from flows.model import Profile, check_profile_customer_id, new_profile, profile_from_dict
 from flows.settings import RedisSettings
 from state.guards import Decision, GuardRequest
 
@@ -251,8 +251,8 @@ class ProfileDecoder:
         check_profile_customer_id(customer_id)  # the memo's profiles carry a placeholder
         t = self._fields(tuple(values))
         # prefs and trials are dicts: each profile gets its own, the memo's stay as they are
-        return Profile(customer_id, t.subscriptions, t.configured, t.handset, t.segment,
-                       dict(t.prefs), t.opt_out, dict(t.trials))
+        return new_profile(customer_id, t.subscriptions, t.configured, t.handset, t.segment,
+                           dict(t.prefs), t.opt_out, dict(t.trials))
 
     def decode_hash(self, customer_id: str, raw: Mapping[bytes | str, bytes | str]) -> Profile:
         """A profile from its whole hash (what ``HGETALL`` returns); other fields ignored."""

@@ -35,8 +35,23 @@ _events: list[tuple[str, tuple[Any, ...]]] = []
 _watching = threading.local()
 
 
+def _model_construction(event: str, args: tuple[Any, ...]) -> bool:
+    """The audit event of flows.model building a record, an event or an envelope.
+
+    Those classes are built as a plain draft of the same slots whose ``__class__`` is
+    then set to the frozen class (``flows.model._draft``); Python audits every
+    ``__class__`` assignment as ``object.__setattr__``. Only that exact shape is left out.
+    """
+    if event != "object.__setattr__" or len(args) != 3 or args[1] != "__class__":
+        return False
+    obj, _, cls = args
+    return (isinstance(cls, type) and cls.__module__ == "flows.model"
+            and type(obj).__name__ == f"_{cls.__name__}Draft"
+            and type(obj).__module__ == "flows.model")
+
+
 def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if getattr(_watching, "on", False):
+    if getattr(_watching, "on", False) and not _model_construction(event, args):
         _events.append((event, args))
 
 
