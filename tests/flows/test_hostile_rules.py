@@ -36,7 +36,7 @@ _watching = threading.local()
 
 
 def _model_construction(event: str, args: tuple[Any, ...]) -> bool:
-    """The audit event of flows.model building a record, an event or an envelope.
+    """The audit event of flows.model building one of its frozen classes (a record, say).
 
     Those classes are built as a plain draft of the same slots whose ``__class__`` is
     then set to the frozen class (``flows.model._draft``); Python audits every
