@@ -82,9 +82,6 @@ class Limits:
 
 DEFAULT_LIMITS: Final = Limits()
 
-_SET_CLASS: Final = object.__dict__["__class__"].__set__
-
-
 def _draft(cls: type) -> type:
     """A plain class with the same slots as the frozen slotted dataclass ``cls``.
 
@@ -100,6 +97,12 @@ def _draft(cls: type) -> type:
     through ``object.__setattr__``) and half of writing each through its slot's
     ``__set__`` (``python -m bench decode``, "event init"). Python raises the audit
     event ``object.__setattr__`` for each ``__class__`` assignment.
+
+    A call of one of these classes goes through its builder too (its ``__new__``), so
+    they are not for subclassing (a subclass's call would build the base class), and
+    each pickles as a call with its fields (``__reduce__``), as ``__new__`` needs them.
+    :class:`Profile` keeps its generated ``__init__``; only the profile stores use its
+    builder, :func:`new_profile`.
     """
     slots = cls.__dict__["__slots__"]
     return type(f"_{cls.__name__}Draft", (), {"__slots__": slots, "__module__": __name__})
