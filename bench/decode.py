@@ -13,6 +13,8 @@ part produces them) and times, per record, in the same process and run:
   (``__init__`` writing each field through its slot descriptor's ``__set__``), and as
   ``@dataclass(frozen=True, slots=True)`` would generate it for the same fields; the
   ratio is decoding's builder against the generated one;
+* unpickling a record, as a process does with each record another process's router
+  sent to its shards (lists of 1,000 records, as an input batch);
 * ``blake2b`` of the record's bytes: the idempotency key of a record without an
   ``event_id``, which decoding no longer pays (:attr:`flows.model.Envelope.key` hashes
   when a push, an alert, a session or a step asks for it).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +107,17 @@ def _per_item_ns(fn: Callable[[Any], object], items: list[Any]) -> float:
     return (time.perf_counter_ns() - t) / len(items)
 
 
+def _unpickle_ns(items: list[Any]) -> float:
+    """Unpickling ``items`` in batches of :data:`BATCH`, as the exchange between processes."""
+    batches = [pickle.dumps(items[i:i + BATCH], protocol=pickle.HIGHEST_PROTOCOL)
+               for i in range(0, len(items), BATCH)]
+    gc.collect()
+    t = time.perf_counter_ns()
+    for data in batches:
+        pickle.loads(data)
+    return (time.perf_counter_ns() - t) / len(items)
+
+
 def _construct_ns(cls: Callable[..., object], n: int) -> float:
     args = [(f"137{i:08d}", 1_795_000_000_000 + i, None, f"cell-{i % 500}", "cinema",
              f"cinema-{i % 20}") for i in range(n)]
@@ -167,6 +181,8 @@ def run(ctx: BenchContext) -> PartResult:
         result.figure("blake2b key (deferred), per record", "ns", higher_is_better=False) \
             .values.append(_per_item_ns(
                 lambda r: hashlib.blake2b(r.value, digest_size=12).hexdigest(), recs))
+        result.figure("RawRecord unpickled (routed to another process), per record", "ns",
+                      higher_is_better=False).values.append(_unpickle_ns(recs))
         gen = _construct_ns(GeneratedLocation, len(recs))
         setters = _construct_ns(SlotSetterLocation, len(recs))
         call = _construct_ns(LocationEvent, len(recs))

@@ -100,7 +100,8 @@ def _draft(cls: type) -> type:
 
     A call of one of these classes goes through its builder too (its ``__new__``), so
     they are not for subclassing (a subclass's call would build the base class), and
-    each pickles as a call with its fields (``__reduce__``), as ``__new__`` needs them.
+    each pickles as a call of its builder with its fields (``__reduce__``: ``__new__``
+    needs them, and records, envelopes and profiles cross processes).
     :class:`Profile` keeps its generated ``__init__``; only the profile stores use its
     builder, :func:`new_profile`.
     """
@@ -173,8 +174,8 @@ class ClickEvent:
                       attrs)
 
     def __reduce__(self) -> tuple[Callable[..., ClickEvent], tuple[Any, ...]]:
-        return (ClickEvent, (self.customer_id, self.ts, self.event_id, self.terminal_id,
-                             self.hall_id, self.action, self.module, self.step, self.attrs))
+        return (_click, (self.customer_id, self.ts, self.event_id, self.terminal_id,
+                         self.hall_id, self.action, self.module, self.step, self.attrs))
 
 
 _ClickDraft: Final = _draft(ClickEvent)
@@ -216,8 +217,8 @@ class LocationEvent:
         return _location(customer_id, ts, event_id, cell_id, poi, poi_id)
 
     def __reduce__(self) -> tuple[Callable[..., LocationEvent], tuple[Any, ...]]:
-        return (LocationEvent, (self.customer_id, self.ts, self.event_id, self.cell_id,
-                                self.poi, self.poi_id))
+        return (_location, (self.customer_id, self.ts, self.event_id, self.cell_id,
+                            self.poi, self.poi_id))
 
 
 _LocationDraft: Final = _draft(LocationEvent)
@@ -256,8 +257,8 @@ class CallsEvent:
         return _calls(customer_id, ts, event_id, interval_s, calls_in, calls_out, missed)
 
     def __reduce__(self) -> tuple[Callable[..., CallsEvent], tuple[Any, ...]]:
-        return (CallsEvent, (self.customer_id, self.ts, self.event_id, self.interval_s,
-                             self.calls_in, self.calls_out, self.missed))
+        return (_calls, (self.customer_id, self.ts, self.event_id, self.interval_s,
+                         self.calls_in, self.calls_out, self.missed))
 
 
 _CallsDraft: Final = _draft(CallsEvent)
@@ -303,8 +304,8 @@ class Envelope:
                 fresh: bool = True) -> Envelope:
         return _envelope(event, source, pos, raw, fresh)
 
-    def __reduce__(self) -> tuple[type[Envelope], tuple[Any, ...]]:
-        return (Envelope, (self.event, self.source, self.pos, self.raw, self.fresh))
+    def __reduce__(self) -> tuple[Callable[..., Envelope], tuple[Any, ...]]:
+        return (_envelope, (self.event, self.source, self.pos, self.raw, self.fresh))
 
     @property
     def key(self) -> str:
