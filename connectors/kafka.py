@@ -213,14 +213,21 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             log.warning("kafka input %s: %s (librdkafka retries)", self._source, err)
 
     def next_batch(self) -> list[RawRecord]:
-        """Up to ``batch_size`` records; empty when nothing arrived within the timeout.
+        """Up to ``batch_size`` records: those already queued, without waiting for more;
+        if none are, what arrives within the poll timeout; else empty.
 
         :raises KafkaConsumeError: on a consumer error other than end-of-partition
             or a transient connection error (librdkafka reconnects by itself).
         """
         if self._done:
             raise StopIteration
-        msgs: list[Message] = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        # What is queued already comes back at once. consume() with a timeout waits for
+        # a full batch: Bytewax asks every partition in turn, and the worker idled up to
+        # the timeout at each one that had fewer records queued. Only an empty queue
+        # waits (up to the timeout), so an idle input does not spin.
+        msgs: list[Message] = self._consumer.consume(self._batch_size, 0)
+        if not msgs:
+            msgs = self._consumer.consume(self._batch_size, self._poll_timeout_s)
         if self._error is not None:
             raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {self._error}")
         batch: list[RawRecord] = []
@@ -505,7 +512,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         :arg tail: without resume state, start at the end (``True``) or the
             beginning (``False``) of each partition.
         :arg batch_size: most records one ``next_batch()`` returns.
-        :arg poll_timeout_s: how long one ``next_batch()`` waits for a full batch.
+        :arg poll_timeout_s: how long one ``next_batch()`` waits when no record is
+            queued (records already queued are returned at once, up to ``batch_size``).
         :arg fetch_wait_max_ms: librdkafka ``fetch.wait.max.ms``.
         :arg fetch_queue_backoff_ms: librdkafka ``fetch.queue.backoff.ms``.
         :arg fetch_min_bytes: librdkafka ``fetch.min.bytes``.

@@ -402,6 +402,75 @@ def test_on_out_of_range_is_checked_and_the_consumer_never_resets_silently() -> 
     assert KafkaInput("b:9092", {"t": "json"}).consumer_config()["auto.offset.reset"] == "error"
 
 
+class _QueuedMessage:
+    """What ``Consumer.consume`` returns for one record (the fields the input reads)."""
+
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def error(self) -> None:
+        return None
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return b"c1"
+
+
+class _QueueConsumer:
+    """A consumer whose local queue holds ``queued`` and that records each consume's
+    (count, timeout): what a partition asks librdkafka for, without a broker."""
+
+    def __init__(self, queued: list[_QueuedMessage]) -> None:
+        self.queued = queued
+        self.calls: list[tuple[int, float]] = []
+
+    def assign(self, _parts: list[TopicPartition]) -> None:
+        pass
+
+    def consume(self, n: int, timeout: float) -> list[_QueuedMessage]:
+        self.calls.append((n, timeout))
+        out, self.queued = self.queued[:n], self.queued[n:]
+        return out
+
+    def get_watermark_offsets(self, _tp: TopicPartition, **_kw: Any) -> tuple[int, int]:
+        return -1, -1
+
+    def close(self) -> None:
+        pass
+
+
+def _queue_partition(monkeypatch: pytest.MonkeyPatch,
+                     queued: list[_QueuedMessage]) -> tuple[Any, _QueueConsumer]:
+    consumer = _QueueConsumer(queued)
+    monkeypatch.setattr("connectors.kafka.Consumer", lambda _config: consumer)
+    src = KafkaInput("b:9092", {"t": "json"}, batch_size=1000, poll_timeout_s=0.5)
+    return src.build_part("in", "t/0", None), consumer
+
+
+def test_queued_records_come_back_without_waiting_for_a_full_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Bytewax asks each partition in turn: a partition holding fewer records than a
+    # batch must hand them over at once, not idle the worker until the poll timeout.
+    part, consumer = _queue_partition(
+        monkeypatch, [_QueuedMessage(i, b'{"n": %d}' % i) for i in range(3)])
+    assert [r.pos for r in part.next_batch()] == [0, 1, 2]
+    assert consumer.calls == [(1000, 0)]
+
+
+def test_an_empty_queue_waits_the_poll_timeout_instead_of_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    part, consumer = _queue_partition(monkeypatch, [])
+    assert part.next_batch() == []
+    assert consumer.calls == [(1000, 0), (1000, 0.5)]
+
+
 # --- output --------------------------------------------------------------------------
 
 
