@@ -45,6 +45,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeAlias
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -173,6 +174,8 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         # that is really at its end can end by idleness.
         self._at_end = False
         self._done = False
+        # When Bytewax may ask again after a poll that found nothing queued (next_awake).
+        self._rest: datetime | None = None
         self._error: KafkaError | None = None
         # consumer lag gauge: made at the first measurement, updated every lag_interval_s
         self._lag_interval_s = lag_interval_s
@@ -213,21 +216,22 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             log.warning("kafka input %s: %s (librdkafka retries)", self._source, err)
 
     def next_batch(self) -> list[RawRecord]:
-        """Up to ``batch_size`` records: those already queued, without waiting for more;
-        if none are, what arrives within the poll timeout; else empty.
+        """Up to ``batch_size`` records, those already queued, without waiting; empty
+        (and :meth:`next_awake` a poll timeout later) when none are.
 
         :raises KafkaConsumeError: on a consumer error other than end-of-partition
             or a transient connection error (librdkafka reconnects by itself).
         """
         if self._done:
             raise StopIteration
-        # What is queued already comes back at once. consume() with a timeout waits for
-        # a full batch: Bytewax asks every partition in turn, and the worker idled up to
-        # the timeout at each one that had fewer records queued. Only an empty queue
-        # waits (up to the timeout), so an idle input does not spin.
+        # Never blocks: what is queued comes back at once. consume() with a timeout waits
+        # for a full batch, and Bytewax asks the partitions one after the other on one
+        # thread, so the worker idled up to the timeout at every partition with fewer
+        # records queued (records of the others waited meanwhile). A partition that
+        # finds nothing rests for the poll timeout instead (next_awake), so an idle
+        # input does not spin.
         msgs: list[Message] = self._consumer.consume(self._batch_size, 0)
-        if not msgs:
-            msgs = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        self._rest = None
         if self._error is not None:
             raise KafkaConsumeError(f"error consuming from Kafka {self._source}: {self._error}")
         batch: list[RawRecord] = []
@@ -290,7 +294,13 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         ):
             self._done = True
             raise StopIteration
+        if not msgs:
+            self._rest = datetime.now(UTC) + timedelta(seconds=self._poll_timeout_s)
         return batch
+
+    def next_awake(self) -> datetime | None:
+        """After a poll that found nothing queued, the poll timeout later; else now."""
+        return self._rest
 
     def _cached_high(self) -> int | None:
         """The high watermark of the last Fetch response (no round trip), if known."""
@@ -512,8 +522,9 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         :arg tail: without resume state, start at the end (``True``) or the
             beginning (``False``) of each partition.
         :arg batch_size: most records one ``next_batch()`` returns.
-        :arg poll_timeout_s: how long one ``next_batch()`` waits when no record is
-            queued (records already queued are returned at once, up to ``batch_size``).
+        :arg poll_timeout_s: how long a partition rests (``next_awake()``) after a
+            ``next_batch()`` found no record queued; ``next_batch()`` itself never
+            waits (what is queued comes back at once, up to ``batch_size``).
         :arg fetch_wait_max_ms: librdkafka ``fetch.wait.max.ms``.
         :arg fetch_queue_backoff_ms: librdkafka ``fetch.queue.backoff.ms``.
         :arg fetch_min_bytes: librdkafka ``fetch.min.bytes``.

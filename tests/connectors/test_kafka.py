@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -455,20 +456,28 @@ def _queue_partition(monkeypatch: pytest.MonkeyPatch,
 def test_queued_records_come_back_without_waiting_for_a_full_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Bytewax asks each partition in turn: a partition holding fewer records than a
-    # batch must hand them over at once, not idle the worker until the poll timeout.
+    # Bytewax asks the partitions one after the other on one thread: a partition with
+    # fewer records queued than a batch must hand them over at once, not idle the
+    # worker until the poll timeout.
     part, consumer = _queue_partition(
         monkeypatch, [_QueuedMessage(i, b'{"n": %d}' % i) for i in range(3)])
     assert [r.pos for r in part.next_batch()] == [0, 1, 2]
     assert consumer.calls == [(1000, 0)]
+    assert part.next_awake() is None  # there may be more: ask again at once
 
 
-def test_an_empty_queue_waits_the_poll_timeout_instead_of_spinning(
+def test_an_empty_queue_rests_the_poll_timeout_instead_of_spinning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     part, consumer = _queue_partition(monkeypatch, [])
+    before = datetime.now(UTC)
     assert part.next_batch() == []
-    assert consumer.calls == [(1000, 0), (1000, 0.5)]
+    assert consumer.calls == [(1000, 0)]  # the poll itself does not wait
+    awake = part.next_awake()
+    assert awake is not None and awake >= before + timedelta(seconds=0.5)
+    consumer.queued = [_QueuedMessage(0, b"{}")]
+    assert [r.pos for r in part.next_batch()] == [0]
+    assert part.next_awake() is None
 
 
 # --- output --------------------------------------------------------------------------
