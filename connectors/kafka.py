@@ -164,7 +164,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         # until the first message tells us where we are.
         self._next = start
         self._batch_size = batch_size
-        self._poll_timeout_s = poll_timeout_s
+        self._rest_for = timedelta(seconds=poll_timeout_s)
         self._left = stop_after
         self._eof_when_idle_s = eof_when_idle_s
         # The idle clock starts at the first answer (a record or end-of-partition),
@@ -295,11 +295,12 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             self._done = True
             raise StopIteration
         if not msgs:
-            self._rest = datetime.now(UTC) + timedelta(seconds=self._poll_timeout_s)
+            self._rest = datetime.now(UTC) + self._rest_for
         return batch
 
     def next_awake(self) -> datetime | None:
-        """After a poll that found nothing queued, the poll timeout later; else now."""
+        """After a poll that found nothing queued, the poll timeout later; else None
+        (Bytewax asks again at once)."""
         return self._rest
 
     def _cached_high(self) -> int | None:
