@@ -143,8 +143,14 @@ def gc_share(doc: dict[str, Any], processes: int) -> float | None:
     return float(gc_s) / (seconds * processes)
 
 
-def run(ctx: BenchContext) -> PartResult:
-    """Measure every available contender ``ctx.runs`` times on fresh datasets."""
+def run(ctx: BenchContext, *, profile: bool = False) -> PartResult:
+    """Measure every available contender ``ctx.runs`` times on fresh datasets.
+
+    With ``profile``, each touchstream contender runs under py-spy and its samples are
+    written next to the results, as ``<date>-throughput-profile-run<i>-<n>p.txt``
+    (:func:`bench.contenders.profiled`; a profiled run is slower, its rates are not
+    comparable with unprofiled ones).
+    """
     size = QUICK if ctx.quick else FULL
     n, customers = size["events"], size["customers"]
     result = PartResult(PART)
@@ -198,11 +204,15 @@ def run(ctx: BenchContext) -> PartResult:
         try:
             for c in contenders:
                 out = work / f"run{i + 1}" / f"{c.module}-{c.processes}p.json"
+                spy = None
+                if profile and c.module == "touchstream":
+                    spy = ctx.results_path(PART, f"-profile-run{i + 1}-{c.processes}p.txt")
+                    result.notes.append(f"run {i + 1}: {c.label} profiled into {spy}")
                 try:
                     doc = run_contender(
                         c.module, brokers=ctx.brokers, topics=ds.topic_names, expect=n,
                         result=out, redis_url=ctx.redis_url, processes=c.processes,
-                        timeout_s=_timeout_s(n),
+                        timeout_s=_timeout_s(n), profile=spy,
                     )
                 except ContenderError as exc:
                     if ctx.quick:
@@ -292,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--runs", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--profile", action="store_true",
+                   help="run the touchstream contenders under py-spy (samples next to the "
+                        "results; read them with python -m bench.profile_share)")
     args = p.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     with contextlib.ExitStack() as stack:
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         brokers, redis_url = stack.enter_context(services(work / "services"))
         ctx = BenchContext(brokers, redis_url, args.quick, runs, args.results_dir, work,
                            datetime.now(UTC).strftime("%Y-%m-%d"))
-        result = run(ctx)
+        result = run(ctx, profile=args.profile)
     doc = result.to_json()
     out = ctx.results_path(PART)
     out.write_text(json.dumps(doc, indent=1, default=str) + os.linesep)

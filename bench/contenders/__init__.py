@@ -156,6 +156,30 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
+def profiled(cmd: Sequence[str], out: Path, rate: int = 100) -> list[str]:
+    """``cmd`` run under ``py-spy record``, its samples written to ``out``.
+
+    The samples are py-spy's raw collapsed stacks, one ``stack count`` line each, with
+    every process of the contender (``--subprocesses``: the processes of a cluster),
+    each thread named (``--threads``) and the time threads spend waiting (``--idle``),
+    so a worker idling in a call shows as much as one working. py-spy reads the stacks
+    without stopping the process (``--nonblocking``): stopping it 100 times a second
+    slowed touchstream markedly on this host, and a slowed worker finds its input
+    queues full, which hides the waits a profile looks for. Only the contender is
+    recorded (py-spy over the whole bench also samples the bench's own process and
+    every contender, nested under it). Read the file with
+    ``python -m bench.profile_share``.
+
+    :raises ContenderError: py-spy is not installed (``pip install py-spy``).
+    """
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise ContenderError(f"profiling needs py-spy next to {sys.executable} "
+                             "(pip install py-spy)")
+    return [str(spy), "record", "--subprocesses", "--threads", "--idle", "--nonblocking",
+            "--rate", str(rate), "--format", "raw", "--output", str(out), "--", *cmd]
+
+
 def run_contender(
     name: str,
     *,
@@ -167,11 +191,14 @@ def run_contender(
     processes: int = 1,
     timeout_s: float = 300.0,
     extra_args: Sequence[str] = (),
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m bench.contenders.<name>`` and return its checked result.
 
     The process's output goes to ``<result>.log``. The returned dict is the
     contender's result plus ``wall_s`` (the whole process, start-up included).
+    With ``profile``, the contender runs under py-spy (:func:`profiled`), which writes
+    its samples there.
 
     :raises ContenderError: non-zero exit, timeout (the process group is killed), no
         result, a result with another event count than ``expect``, or no rate.
@@ -191,6 +218,8 @@ def run_contender(
     if redis_url:
         cmd += ["--redis", redis_url]
     cmd += list(extra_args)
+    if profile is not None:
+        cmd = profiled(cmd, profile)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
