@@ -335,6 +335,17 @@ def kafka_input_topics(settings: Settings) -> dict[str, Literal["json", "msgpack
                                                    k.calls_topic)}
 
 
+def kafka_input(settings: Settings) -> KafkaInput:
+    """The Kafka input of a live run, as ``settings.kafka`` describes it."""
+    k = settings.kafka
+    if not k.brokers:
+        raise ValueError("kafka.brokers is not set")
+    return KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
+                      tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s,
+                      on_out_of_range=k.on_out_of_range,
+                      poll_timeout_s=k.poll_rest_ms / 1000)
+
+
 def all_topics(settings: Settings) -> dict[str, int]:
     """Every topic touchstream uses, with its partition count."""
     k = settings.kafka
@@ -423,9 +434,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         )
     source: Source[RawRecord]
     if k.brokers:
-        source = KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
-                            tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s,
-                            on_out_of_range=k.on_out_of_range)
+        source = kafka_input(settings)
         out = KafkaOutput(k.brokers, dict(k.config))
         outputs.pushes.append(MappedSink(out, push_message(k.pushes_topic)))
         outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))

@@ -167,6 +167,11 @@ class KafkaSettings(BaseModel):
     eof_when_idle_s: float | None = Field(
         None, description="stop when every input partition is idle this long (tests, backfills)"
     )
+    poll_rest_ms: float = Field(
+        1.0, gt=0, le=1000,
+        description="how long an input partition that found nothing queued rests before it "
+        "is asked again: lower answers an idle input sooner, for more CPU while idle",
+    )
     partitions: dict[str, int] = Field(default_factory=dict)
     default_partitions: int = 3
     replication_factor: int = 1

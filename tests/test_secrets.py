@@ -23,9 +23,9 @@ import certifi
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from connectors.kafka import KafkaInput, KafkaOutput, mask_config
+from connectors.kafka import KafkaOutput, mask_config
 from flows.cli import _parser
-from flows.runner import kafka_input_topics
+from flows.runner import kafka_input
 from flows.settings import RedisSettings, Settings, WebhookTarget, load_settings
 from gateway.__main__ import main as gateway_main
 from gateway.settings import GatewaySettings, load_gateway_settings
@@ -224,7 +224,7 @@ def test_kafka_sasl_ssl_settings_pass_through_untouched_and_are_masked_in_logs(
     s = load_settings()
     assert s.kafka.config == security
     # as flows/runner.py builds the input and the output
-    inp = KafkaInput(s.kafka.brokers or "", kafka_input_topics(s), dict(s.kafka.config))
+    inp = kafka_input(s)
     out = KafkaOutput(s.kafka.brokers or "", dict(s.kafka.config))
     for cfg in (inp.consumer_config(), out.producer_config()):
         assert {k: cfg[k] for k in security} == security  # untouched, and they win

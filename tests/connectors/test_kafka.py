@@ -20,6 +20,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from connectors.kafka import (
     KafkaConsumeError,
@@ -32,6 +33,8 @@ from connectors.kafka import (
 )
 from flows.codec import json_dumps, pack
 from flows.model import DeadLetter, Envelope, RawRecord, decode_record
+from flows.runner import kafka_input
+from flows.settings import load_settings
 
 TopicFactory = Callable[..., str]
 
@@ -474,10 +477,36 @@ def test_an_empty_queue_rests_the_poll_timeout_instead_of_spinning(
     assert part.next_batch() == []
     assert consumer.calls == [(1000, 0)]  # the poll itself does not wait
     awake = part.next_awake()
-    assert awake is not None and awake >= before + timedelta(seconds=0.5)
+    after = datetime.now(UTC)
+    assert awake is not None
+    assert before + timedelta(seconds=0.5) <= awake <= after + timedelta(seconds=0.5)
     consumer.queued = [_QueuedMessage(0, b"{}")]
     assert [r.pos for r in part.next_batch()] == [0]
     assert part.next_awake() is None
+
+
+def test_the_rest_of_an_empty_partition_comes_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Operators trade idle CPU against how soon an idle input answers, without code.
+    with pytest.raises(ValidationError, match="poll_rest_ms"):
+        load_settings(kafka={"brokers": "b:9092", "poll_rest_ms": 0})
+    assert load_settings(kafka={"brokers": "b:9092"}).kafka.poll_rest_ms == 1.0
+    src = kafka_input(load_settings(kafka={"brokers": "b:9092", "poll_rest_ms": 250}))
+    monkeypatch.setattr("connectors.kafka.Consumer", lambda _config: _QueueConsumer([]))
+    part = src.build_part("in", "touch.clicks/0", None)
+    before = datetime.now(UTC)
+    assert part.next_batch() == []
+    awake = part.next_awake()
+    after = datetime.now(UTC)
+    assert awake is not None
+    assert before + timedelta(seconds=0.25) <= awake <= after + timedelta(seconds=0.25)
+    # the other input settings reach it too
+    other = kafka_input(load_settings(kafka={"brokers": "b:9092", "start": "latest",
+                                             "on_out_of_range": "fail"}))
+    assert (other.tail, other.on_out_of_range, other.poll_timeout_s) == (True, "fail", 0.001)
+    with pytest.raises(ValueError, match=r"kafka\.brokers"):
+        kafka_input(load_settings())
 
 
 # --- output --------------------------------------------------------------------------
