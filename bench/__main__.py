@@ -23,7 +23,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.core import BenchContext, PartResult
+from bench.core import BenchContext, PartResult, free_path
 from bench.host import add_reference
 from bench.services import services
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         # make bench's table is <date>-table.md; a run of named parts gets its own name,
         # so that it never replaces the full table README shows
         suffix = "" if not args.parts else "-" + "-".join(parts)
-        md = args.results_dir / f"{args.date}-table{suffix}.md"
+        md = free_path(args.results_dir / f"{args.date}-table{suffix}.md")
         md.parent.mkdir(parents=True, exist_ok=True)
         cmd = "make bench" if not args.parts and not args.quick else \
             "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)

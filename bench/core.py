@@ -14,7 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchContext", "Figure", "PartResult"]
+__all__ = ["BenchContext", "Figure", "PartResult", "free_path"]
+
+
+def free_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3``, ... when it exists: a result file an
+    earlier run wrote is never replaced."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return free
 
 
 @dataclass(frozen=True)
@@ -33,11 +43,23 @@ class BenchContext:
     results_dir: Path
     work_dir: Path
     date: str
+    _stems: dict[str, str] = field(default_factory=dict, init=False, repr=False,
+                                   compare=False)
 
     def results_path(self, part: str, suffix: str = ".json") -> Path:
-        """``bench/results/<date>-<part><suffix>``."""
+        """``bench/results/<date>-<part><suffix>``, never a file an earlier run wrote.
+
+        The first call for ``part`` picks its stem: ``<date>-<part>``, or, when
+        ``<date>-<part>.json`` is already there (an earlier run of that day, such as the
+        ``make bench`` whose table README shows), ``<date>-<part>-2``, ``-3``, ...; every
+        file of the part in this run (its JSON, plots, profiles) shares that stem.
+        """
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        return self.results_dir / f"{self.date}-{part}{suffix}"
+        stem = self._stems.get(part)
+        if stem is None:
+            stem = free_path(self.results_dir / f"{self.date}-{part}.json").stem
+            self._stems[part] = stem
+        return self.results_dir / f"{stem}{suffix}"
 
 
 @dataclass

@@ -1,0 +1,38 @@
+"""bench.core: result files are never replaced by a later run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.core import BenchContext, free_path
+
+
+def _ctx(results: Path) -> BenchContext:
+    return BenchContext(brokers="", redis_url="", quick=True, runs=1, results_dir=results,
+                        work_dir=results / "work", date="2026-11-24")
+
+
+def test_a_part_keeps_one_stem_per_run_and_a_later_run_takes_the_next(tmp_path: Path) -> None:
+    first = _ctx(tmp_path)
+    assert first.results_path("throughput", ".png") == tmp_path / "2026-11-24-throughput.png"
+    first.results_path("throughput").write_text("{}")  # the part's JSON, written last
+    # the same run goes on naming its files with its stem
+    assert first.results_path("throughput", "-x.txt") == tmp_path / "2026-11-24-throughput-x.txt"
+    # a later run of that day (python -m bench throughput after make bench) does not
+    # replace them: every one of its files carries -2
+    second = _ctx(tmp_path)
+    assert second.results_path("throughput", ".png") == tmp_path / "2026-11-24-throughput-2.png"
+    second.results_path("throughput").write_text("{}")
+    assert second.results_path("throughput") == tmp_path / "2026-11-24-throughput-2.json"
+    assert _ctx(tmp_path).results_path("throughput") == tmp_path / "2026-11-24-throughput-3.json"
+    # other parts are not affected
+    assert second.results_path("memory") == tmp_path / "2026-11-24-memory.json"
+
+
+def test_free_path(tmp_path: Path) -> None:
+    table = tmp_path / "2026-11-24-table.md"
+    assert free_path(table) == table
+    table.write_text("")
+    assert free_path(table) == tmp_path / "2026-11-24-table-2.md"
+    (tmp_path / "2026-11-24-table-2.md").write_text("")
+    assert free_path(table) == tmp_path / "2026-11-24-table-3.md"
