@@ -734,11 +734,16 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
     def write_batch(self, items: list[KafkaMessage]) -> None:
         """Queue every message (waiting when the queue is full) and wait for the broker.
 
-        Bytewax commits an epoch's snapshot once every sink's ``write_batch`` for it has
-        returned, so returning with messages still in librdkafka's queue would lose them
-        on a crash (they are never replayed). The batch is therefore flushed before
-        returning: while the broker is away this waits (back-pressure) until every
-        message is acknowledged or fails by ``message.timeout.ms``.
+        Once Bytewax commits an epoch, a crash never replays its input, so messages
+        still in librdkafka's queue at the commit would be lost. Bytewax 0.21's commit
+        waits on the snapshot streams only, not on a ``DynamicSink`` (its ``worker.rs``
+        and ``recovery.rs``); what puts this call before the commit is the worker thread:
+        it runs the sink, built before Bytewax's recovery steps, ahead of them, and
+        cannot take part in the commit while this call holds it. The batch is therefore
+        flushed before returning: while the broker is away this waits (back-pressure)
+        until every message is acknowledged or fails by ``message.timeout.ms``
+        (``tests/faults/test_kill.py`` kills the engine at random moments and finds
+        nothing lost).
 
         :raises KafkaDeliveryError: if any message failed.
         """
