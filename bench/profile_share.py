@@ -89,7 +89,7 @@ def shares(lines: Iterable[str], names: Sequence[str], *,
                 per[name] += n
     return {
         pid: {"samples": float(total),
-              **{name: hits.get(pid, Counter())[name] / total for name in names}}
+              **{name: hits[pid][name] / total for name in names}}
         for pid, total in totals.items()
     }
 
