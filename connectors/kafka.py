@@ -155,6 +155,8 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         metadata_timeout_s: float,
         lag_interval_s: float = 5.0,
         on_out_of_range: OutOfRangePolicy = "earliest",
+        idle_rest_s: float | None = None,
+        idle_after_s: float = 1.0,
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -165,6 +167,11 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         self._next = start
         self._batch_size = batch_size
         self._rest_for = timedelta(seconds=poll_timeout_s)
+        # A partition that has found no record for idle_after_s rests longer: each rest
+        # costs the worker a Bytewax activation, which is most of an idle engine's CPU.
+        self._idle_rest_for = timedelta(seconds=max(poll_timeout_s, idle_rest_s or 0.0))
+        self._idle_after_s = idle_after_s
+        self._last_record = time.monotonic()
         self._left = stop_after
         self._eof_when_idle_s = eof_when_idle_s
         # The idle clock starts at the first answer (a record or end-of-partition),
@@ -285,7 +292,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             if not batch:
                 self._check_position(now)
         if batch:
-            self._last_activity = now
+            self._last_activity = self._last_record = now
         elif (
             self._eof_when_idle_s is not None
             and self._at_end
@@ -295,12 +302,14 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
             self._done = True
             raise StopIteration
         if not msgs:
-            self._rest = datetime.now(UTC) + self._rest_for
+            quiet = now - self._last_record >= self._idle_after_s
+            self._rest = datetime.now(UTC) + (self._idle_rest_for if quiet else self._rest_for)
         return batch
 
     def next_awake(self) -> datetime | None:
-        """After a poll that found nothing queued, the poll timeout later; else None
-        (Bytewax asks again at once)."""
+        """After a poll that found nothing queued, the poll timeout later (the idle rest
+        once the partition has found no record for ``idle_after_s``); else None (Bytewax
+        asks again at once)."""
         return self._rest
 
     def _cached_high(self) -> int | None:
@@ -513,6 +522,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         metadata_timeout_s: float = 10.0,
         lag_interval_s: float = 5.0,
         on_out_of_range: OutOfRangePolicy = "earliest",
+        idle_rest_s: float | None = 0.01,
+        idle_after_s: float = 1.0,
     ) -> None:
         """Describe the input; nothing connects until Bytewax builds it.
 
@@ -526,6 +537,14 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         :arg poll_timeout_s: how long a partition rests (``next_awake()``) after a
             ``next_batch()`` found no record queued; ``next_batch()`` itself never
             waits (what is queued comes back at once, up to ``batch_size``).
+        :arg idle_rest_s: the rest instead, once a partition has found no record for
+            ``idle_after_s`` seconds (since its last record, or since it was built); the
+            larger of it and ``poll_timeout_s``; ``None``: no longer rest. Each rest
+            costs the worker one Bytewax activation (``bench/engine_idle.py`` measures
+            what an idle engine costs); the first record after a quiet spell waits up
+            to this long more.
+        :arg idle_after_s: how long a partition goes without a record before it takes
+            the idle rest.
         :arg fetch_wait_max_ms: librdkafka ``fetch.wait.max.ms``.
         :arg fetch_queue_backoff_ms: librdkafka ``fetch.queue.backoff.ms``.
         :arg fetch_min_bytes: librdkafka ``fetch.min.bytes``.
@@ -555,6 +574,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             raise ValueError("batch_size must be at least 1")
         if stop_after is not None and stop_after < 1:
             raise ValueError("stop_after must be at least 1")
+        if idle_after_s < 0:
+            raise ValueError("idle_after_s must not be negative")
         self.brokers = brokers
         self.topics: dict[str, Format] = dict(topics)
         self.config: dict[str, ConfigValue] = dict(config or {})
@@ -570,6 +591,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         self.metadata_timeout_s = metadata_timeout_s
         self.lag_interval_s = lag_interval_s
         self.on_out_of_range: OutOfRangePolicy = on_out_of_range
+        self.idle_rest_s = idle_rest_s
+        self.idle_after_s = idle_after_s
 
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka consumer configuration each partition uses."""
@@ -634,6 +657,8 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             self.metadata_timeout_s,
             self.lag_interval_s,
             self.on_out_of_range,
+            self.idle_rest_s,
+            self.idle_after_s,
         )
 
 

@@ -343,7 +343,8 @@ def kafka_input(settings: Settings) -> KafkaInput:
     return KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
                       tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s,
                       on_out_of_range=k.on_out_of_range,
-                      poll_timeout_s=k.poll_rest_ms / 1000)
+                      poll_timeout_s=k.poll_rest_ms / 1000,
+                      idle_rest_s=k.idle_rest_ms / 1000, idle_after_s=k.idle_after_s)
 
 
 def all_topics(settings: Settings) -> dict[str, int]:

@@ -172,6 +172,16 @@ class KafkaSettings(BaseModel):
         description="how long an input partition that found nothing queued rests before it "
         "is asked again: lower answers an idle input sooner, for more CPU while idle",
     )
+    idle_rest_ms: float = Field(
+        10.0, gt=0, le=1000,
+        description="the rest instead (if larger than poll_rest_ms) once a partition has "
+        "found no record for idle_after_s: an idle engine costs less CPU, the first record "
+        "after a quiet spell waits up to this long more",
+    )
+    idle_after_s: float = Field(
+        1.0, ge=0, description="how long a partition goes without a record before it takes "
+        "the idle rest",
+    )
     partitions: dict[str, int] = Field(default_factory=dict)
     default_partitions: int = 3
     replication_factor: int = 1

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import bytewax.operators as op
@@ -485,6 +486,58 @@ def test_an_empty_queue_rests_the_poll_timeout_instead_of_spinning(
     assert part.next_awake() is None
 
 
+def _rest_of_an_empty_poll(part: Any) -> tuple[timedelta, timedelta]:
+    """Poll ``part`` (its queue empty): ``(awake - the time before the poll, awake - the
+    time after it)``, the bounds its rest lies within (most, least)."""
+    before = datetime.now(UTC)
+    assert part.next_batch() == []
+    awake = part.next_awake()
+    after = datetime.now(UTC)
+    assert awake is not None
+    return awake - before, awake - after
+
+
+def test_a_quiet_partition_rests_longer_until_a_record_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each rest costs the worker one Bytewax activation: an idle engine spent most of
+    # its CPU on them (bench/engine_idle.py), so a partition that has found nothing for
+    # idle_after_s rests idle_rest_s; a record brings the short rest back.
+    clock = [1000.0]
+    monkeypatch.setattr("connectors.kafka.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    consumer = _QueueConsumer([])
+    monkeypatch.setattr("connectors.kafka.Consumer", lambda _config: consumer)
+    src = KafkaInput("b:9092", {"t": "json"}, poll_timeout_s=0.001, idle_rest_s=0.25,
+                     idle_after_s=1.0)
+    part = src.build_part("in", "t/0", None)  # built at 1000.0: the quiet clock starts
+
+    def rests(short: bool) -> None:
+        rest = timedelta(seconds=0.001 if short else 0.25)
+        most, least = _rest_of_an_empty_poll(part)
+        assert least <= rest <= most
+
+    clock[0] = 1000.9
+    rests(short=True)
+    clock[0] = 1001.0  # 1 s without a record
+    rests(short=False)
+    clock[0] = 1005.0
+    consumer.queued = [_QueuedMessage(0, b"{}")]
+    assert [r.pos for r in part.next_batch()] == [0]
+    assert part.next_awake() is None
+    clock[0] = 1005.5
+    rests(short=True)  # the record restarted the quiet clock
+    clock[0] = 1006.0
+    rests(short=False)
+    # an idle rest below the poll rest never makes a quiet partition asked more often
+    slow = KafkaInput("b:9092", {"t": "json"}, poll_timeout_s=0.5, idle_rest_s=0.01)
+    part = slow.build_part("in", "t/0", None)
+    clock[0] = 2000.0
+    most, least = _rest_of_an_empty_poll(part)
+    assert least <= timedelta(seconds=0.5) <= most
+    with pytest.raises(ValueError, match="idle_after_s"):
+        KafkaInput("b:9092", {"t": "json"}, idle_after_s=-1)
+
+
 def test_the_rest_of_an_empty_partition_comes_from_the_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -495,12 +548,19 @@ def test_the_rest_of_an_empty_partition_comes_from_the_settings(
     src = kafka_input(load_settings(kafka={"brokers": "b:9092", "poll_rest_ms": 250}))
     monkeypatch.setattr("connectors.kafka.Consumer", lambda _config: _QueueConsumer([]))
     part = src.build_part("in", "touch.clicks/0", None)
-    before = datetime.now(UTC)
-    assert part.next_batch() == []
-    awake = part.next_awake()
-    after = datetime.now(UTC)
-    assert awake is not None
-    assert before + timedelta(seconds=0.25) <= awake <= after + timedelta(seconds=0.25)
+    most, least = _rest_of_an_empty_poll(part)
+    assert least <= timedelta(seconds=0.25) <= most
+    # the idle rest and when it starts, likewise
+    for bad in ({"idle_rest_ms": 0}, {"idle_after_s": -1}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            load_settings(kafka={"brokers": "b:9092", **bad})
+    shipped = kafka_input(load_settings(kafka={"brokers": "b:9092"}))
+    assert (shipped.idle_rest_s, shipped.idle_after_s) == (0.01, 1.0)
+    idle = kafka_input(load_settings(kafka={"brokers": "b:9092", "idle_rest_ms": 300,
+                                            "idle_after_s": 0}))
+    part = idle.build_part("in", "touch.clicks/0", None)
+    most, least = _rest_of_an_empty_poll(part)  # quiet from the start: idle_after_s is 0
+    assert least <= timedelta(seconds=0.3) <= most
     # the other input settings reach it too
     other = kafka_input(load_settings(kafka={"brokers": "b:9092", "start": "latest",
                                              "on_out_of_range": "fail"}))
