@@ -29,7 +29,7 @@ from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
 # run only when named
-EXTRA_PARTS = ("gateway_idle", "broker_fetch", "decode", "profile_reads", "snapshot")
+EXTRA_PARTS = ("gateway_idle", "broker_fetch", "engine_idle", "decode", "profile_reads", "snapshot")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
