@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ import orjson
 import redis
 
 from bench.core import BenchContext, PartResult
-from bench.latency import broker_pid
+from bench.latency import EngineProcess, broker_pid
 from bench.services import services
 from connectors.kafka import create_topics
 from flows.model import Profile
@@ -58,7 +56,6 @@ from state.redis_store import RedisProfileStore
 __all__ = ["FULL", "QUICK", "VARIANTS", "IdleTimes", "run"]
 
 PART = "engine_idle"
-REPO = Path(__file__).resolve().parent.parent
 REDIS_DB = 12
 PROBE_TERMINAL = "P00-T00"
 TOPIC_FIELDS = ("clicks", "location", "calls", "pushes", "alerts", "alerts_dlq",
@@ -135,40 +132,6 @@ class _Run:
     first_push_ms: list[float] = field(default_factory=list)
 
 
-class _Engine:
-    """``touchstream run`` on Kafka and Redis as a child process, output to a log."""
-
-    def __init__(self, brokers: str, redis_url: str, topics: dict[str, str],
-                 env_extra: dict[str, str], log_path: Path) -> None:
-        env = {**os.environ, **env_extra, "TOUCHSTREAM_RECOVERY__ENABLED": "false"}
-        env.setdefault("PYTHONPATH", str(REPO))
-        for fld, name in topics.items():
-            env[f"TOUCHSTREAM_KAFKA__{fld.upper()}_TOPIC"] = name
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "run", "--kafka", brokers,
-                 "--redis", redis_url], cwd=REPO, env=env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def check(self) -> None:
-        """Raise if the engine has exited."""
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
-            raise RuntimeError(f"engine exited with {self.proc.returncode}; log "
-                               f"{self.log_path}:\n" + "\n".join(tail))
-
-    def stop(self) -> None:
-        """Ctrl-C, then SIGKILL if it does not stop within 10 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 class _Prober:
     """``setup-first`` pushes on demand: one new care_link customer per probe."""
 
@@ -191,7 +154,7 @@ class _Prober:
         self.producer.flush(5)
         del self.producer
 
-    def push_ms(self, engine: _Engine, timeout_s: float) -> float:
+    def push_ms(self, engine: EngineProcess, timeout_s: float) -> float:
         """Send one probe; the ms from just before ``produce`` to the ``XREAD`` that
         returned its push. Raises ``TimeoutError`` if none comes within ``timeout_s``."""
         self.n += 1
@@ -239,8 +202,8 @@ def _one_run(work: Path, index: int, times: IdleTimes) -> dict[str, _Run]:
                 topics = {f: f"idle.{tag}.{f}" for f in TOPIC_FIELDS}
                 create_topics(brokers, {name: 1 if f.startswith("rules") else 3
                                         for f, name in topics.items()})
-                engine = _Engine(brokers, _db(redis_url), topics, env,
-                                 work / f"engine-{tag}.log")
+                engine = EngineProcess(brokers, _db(redis_url), topics,
+                                       work / f"engine-{tag}.log", None, None, env)
                 prober = _Prober(brokers, client, topics["clicks"], tag)
                 try:
                     prober.push_ms(engine, timeout_s=60)  # up and reading (not counted)
@@ -342,7 +305,8 @@ def quiet_spells(spans: list[float], env: dict[str, str], work: Path) -> list[fl
         topics = {f: f"quiet.{f}" for f in TOPIC_FIELDS}
         create_topics(brokers, {name: 1 if f.startswith("rules") else 3
                                 for f, name in topics.items()})
-        engine = _Engine(brokers, _db(redis_url), topics, env, work / "engine.log")
+        engine = EngineProcess(brokers, _db(redis_url), topics, work / "engine.log",
+                               None, None, env)
         prober = _Prober(brokers, client, topics["clicks"], "quiet")
         try:
             prober.push_ms(engine, timeout_s=60)

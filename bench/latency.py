@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -335,12 +335,15 @@ class _Readers:
 # --- the engine process ---------------------------------------------------------------
 
 
-class _Engine:
-    """``touchstream run`` as a child process; its console output goes to a log file."""
+class EngineProcess:
+    """``touchstream run`` as a child process (recovery off); its console output goes to a
+    log file. ``env`` is added to this process's environment for it (settings such as
+    ``TOUCHSTREAM_KAFKA__IDLE_REST_MS``)."""
 
     def __init__(self, brokers: str, redis_url: str, topics: dict[str, str], log_path: Path,
-                 kafka_config: dict[str, Any] | None, rules_file: Path | None) -> None:
-        env = dict(os.environ)
+                 kafka_config: dict[str, Any] | None, rules_file: Path | None,
+                 env: Mapping[str, str] | None = None) -> None:
+        env = {**os.environ, **(env or {})}
         for fld, name in topics.items():
             env[f"TOUCHSTREAM_KAFKA__{fld.upper()}_TOPIC"] = name
         if kafka_config:
@@ -494,7 +497,8 @@ class _Probe:
             want |= self._send(p, now)
         return want
 
-    def answered(self, engine: _Engine, want: dict[str, bytes], timeout_s: float) -> int | None:
+    def answered(self, engine: EngineProcess, want: dict[str, bytes],
+                 timeout_s: float) -> int | None:
         """Wait until every probe of ``want`` was pushed: the Redis time (ms, from the
         stream entry id) of the last of those pushes, or None after ``timeout_s``."""
         t0 = time.monotonic()
@@ -518,7 +522,7 @@ class _Probe:
                         last_ms = max(last_ms, int(eid.split(b"-")[0]))
         return last_ms
 
-    def wait(self, engine: _Engine, timeout_s: float) -> float | None:
+    def wait(self, engine: EngineProcess, timeout_s: float) -> float | None:
         """Probe every partition; seconds until every probe was pushed, or None."""
         t0 = time.monotonic()
         want = self.send()
@@ -528,7 +532,7 @@ class _Probe:
         return time.monotonic() - t0
 
 
-def _await_help(client: redis.Redis, engine: _Engine, streams: list[str], expected: set[str],
+def _await_help(client: redis.Redis, engine: EngineProcess, streams: list[str], expected: set[str],
                 timeout_s: float) -> float | None:
     """Wait until a ``help-sprite`` push of every event id in ``expected`` (the stuck
     customers' step entries) is in ``streams``: seconds waited, or None after
@@ -640,7 +644,7 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
                       net_customers=plan.net_customers(phase), net_offset=index * 100_000,
                       stuck_offset=index * 10_000, click_customers=plan.click_customers)
     readers = _Readers()
-    engine: _Engine | None = None
+    engine: EngineProcess | None = None
     pacer: Pacer | None = None
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -653,7 +657,7 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
             readers.start(_kafka_reader, "kafka", ctx.brokers, topics["pushes"],
                           plan.partitions)
         log_path = work / f"engine-{tag}.log"
-        engine = _Engine(ctx.brokers, url, topics, log_path, kafka_config, rules_file)
+        engine = EngineProcess(ctx.brokers, url, topics, log_path, kafka_config, rules_file)
         pacer = Pacer(ctx.brokers, {k: topics[k] for k in ("clicks", "location", "calls")},
                       traffic, tag)
         probe = _Probe(client, pacer, tag, plan.partitions)

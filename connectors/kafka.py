@@ -539,7 +539,7 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
             waits (what is queued comes back at once, up to ``batch_size``).
         :arg idle_rest_s: the rest instead, once a partition has found no record for
             ``idle_after_s`` seconds (since its last record, or since it was built); the
-            larger of it and ``poll_timeout_s``; ``None``: no longer rest. Each rest
+            larger of it and ``poll_timeout_s``; ``None``: never a longer rest. Each rest
             costs the worker one Bytewax activation (``bench/engine_idle.py`` measures
             what an idle engine costs); the first record after a quiet spell waits up
             to this long more.
