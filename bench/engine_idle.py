@@ -46,8 +46,9 @@ import orjson
 import redis
 
 from bench.core import BenchContext, PartResult
-from bench.latency import EngineProcess, broker_pid
-from bench.services import services
+from bench.latency import PROBE_TERMINAL, EngineProcess, broker_pid
+from bench.latency import TOPIC_FIELDS as LATENCY_TOPIC_FIELDS
+from bench.services import redis_db_url, services
 from connectors.kafka import create_topics
 from flows.model import Profile
 from gateway.loadtest import cpu_s
@@ -57,9 +58,8 @@ __all__ = ["FULL", "QUICK", "VARIANTS", "IdleTimes", "run"]
 
 PART = "engine_idle"
 REDIS_DB = 12
-PROBE_TERMINAL = "P00-T00"
-TOPIC_FIELDS = ("clicks", "location", "calls", "pushes", "alerts", "alerts_dlq",
-                "dead_letters", "stats", "rules", "rules_status")
+TOPIC_FIELDS = (*LATENCY_TOPIC_FIELDS, "rules", "rules_status")
+"""The latency part's topics and the rule topics: each engine starts on fresh ones."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,6 @@ def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
             continue
         out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
-
-
-def _db(url: str, db: int = REDIS_DB) -> str:
-    """``url`` with its database number replaced by ``db``."""
-    base, _, last = url.rpartition("/")
-    return f"{base}/{db}" if last.isdigit() else f"{url.rstrip('/')}/{db}"
 
 
 def split_threads(pid: int, before: dict[int, tuple[str, float]],
@@ -160,9 +154,10 @@ class _Prober:
         self.n += 1
         cid = f"idle{self.tag}{self.n}"
         self.store.put_many([Profile(cid, subscriptions=frozenset({"care_link"}))])
+        event_id = f"{self.tag}-{self.n}"
         doc = {"type": "click", "customer_id": cid, "terminal_id": PROBE_TERMINAL,
-               "hall_id": "P00", "action": "session_start",
-               "event_id": f"{self.tag}-{self.n}", "ts": time.time_ns() // 1_000_000}
+               "hall_id": "P00", "action": "session_start", "event_id": event_id,
+               "ts": time.time_ns() // 1_000_000}
         sent = time.time_ns()
         self.producer.produce(self.topic, orjson.dumps(doc), key=cid.encode(), partition=0)
         self.producer.flush(10)
@@ -175,10 +170,23 @@ class _Prober:
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     self.last = entry_id
-                    if cid.encode() in b" ".join(v for v in fields.values()
-                                                 if isinstance(v, bytes)):
+                    push = orjson.loads(fields[b"data"])
+                    if push["reason"].get("trigger_event") == event_id:
                         return (seen - sent) / 1e6
         raise TimeoutError(f"no push for probe {cid} within {timeout_s} s")
+
+
+def _start(brokers: str, redis_url: str, client: redis.Redis, tag: str,
+           env: dict[str, str], log: Path) -> tuple[EngineProcess, _Prober]:
+    """An engine (``env`` on top of the shipped settings) on fresh topics named after
+    ``tag`` (3 partitions, the rule topics 1, as ``touchstream topics create``), and a
+    prober for it."""
+    topics = {f: f"idle.{tag}.{f}" for f in TOPIC_FIELDS}
+    create_topics(brokers, {name: 1 if f.startswith("rules") else 3
+                            for f, name in topics.items()})
+    engine = EngineProcess(brokers, redis_db_url(redis_url, REDIS_DB), topics, log,
+                           None, None, env)
+    return engine, _Prober(brokers, client, topics["clicks"], tag)
 
 
 def _one_run(work: Path, index: int, times: IdleTimes) -> dict[str, _Run]:
@@ -193,18 +201,14 @@ def _one_run(work: Path, index: int, times: IdleTimes) -> dict[str, _Run]:
         b0 = cpu_s(bpid)
         time.sleep(times.window_s)
         out["broker alone"] = _Run(broker_cores=round((cpu_s(bpid) - b0) / times.window_s, 3))
-        client = redis.Redis.from_url(_db(redis_url))
+        client = redis.Redis.from_url(redis_db_url(redis_url, REDIS_DB))
         try:
             order = list(VARIANTS.items())
             order = order[index % len(order):] + order[:index % len(order)]
             for label, env in order:
                 tag = f"r{index}v{list(VARIANTS).index(label)}"
-                topics = {f: f"idle.{tag}.{f}" for f in TOPIC_FIELDS}
-                create_topics(brokers, {name: 1 if f.startswith("rules") else 3
-                                        for f, name in topics.items()})
-                engine = EngineProcess(brokers, _db(redis_url), topics,
-                                       work / f"engine-{tag}.log", None, None, env)
-                prober = _Prober(brokers, client, topics["clicks"], tag)
+                engine, prober = _start(brokers, redis_url, client, tag, env,
+                                        work / f"engine-{tag}.log")
                 try:
                     prober.push_ms(engine, timeout_s=60)  # up and reading (not counted)
                     time.sleep(times.settle_s)
@@ -301,13 +305,8 @@ def quiet_spells(spans: list[float], env: dict[str, str], work: Path) -> list[fl
     redis-server: after a first probe, one probe after each quiet spell of ``spans``
     seconds; the first push times (ms)."""
     with services(work) as (brokers, redis_url):
-        client = redis.Redis.from_url(_db(redis_url))
-        topics = {f: f"quiet.{f}" for f in TOPIC_FIELDS}
-        create_topics(brokers, {name: 1 if f.startswith("rules") else 3
-                                for f, name in topics.items()})
-        engine = EngineProcess(brokers, _db(redis_url), topics, work / "engine.log",
-                               None, None, env)
-        prober = _Prober(brokers, client, topics["clicks"], "quiet")
+        client = redis.Redis.from_url(redis_db_url(redis_url, REDIS_DB))
+        engine, prober = _start(brokers, redis_url, client, "quiet", env, work / "engine.log")
         try:
             prober.push_ms(engine, timeout_s=60)
             out = []

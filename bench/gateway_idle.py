@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 
 from bench.core import BenchContext, PartResult
+from bench.services import redis_db_url
 from gateway.loadtest import LoadResult, measure
 
 __all__ = ["FULL_N", "QUICK_N", "run"]
@@ -23,11 +24,6 @@ __all__ = ["FULL_N", "QUICK_N", "run"]
 PART = "gateway_idle"
 QUICK_N = 200
 FULL_N = 5000
-
-
-def _db9(url: str) -> str:
-    base, _, db = url.rpartition("/")
-    return f"{base}/9" if db.isdigit() else url.rstrip("/") + "/9"
 
 
 def _add(result: PartResult, res: LoadResult, suffix: str = "") -> None:
@@ -53,7 +49,7 @@ def run(ctx: BenchContext) -> PartResult:
     n = QUICK_N if ctx.quick else FULL_N
     hold = 2.0 if ctx.quick else 30.0
     runs = 1 if ctx.quick else max(1, ctx.runs)
-    url = _db9(ctx.redis_url)
+    url = redis_db_url(ctx.redis_url, 9)
     result = PartResult(PART)
     for i in range(runs):
         res = measure(n, mode="sse", redis_url=url, hold_s=hold,

@@ -60,7 +60,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
@@ -68,6 +67,7 @@ from hdrh.histogram import HdrHistogram
 
 from bench.core import BenchContext, PartResult
 from bench.pacer import CLICK_CUSTOMERS, Pacer, PhaseRecord, Traffic, click_profiles, parse_event_id
+from bench.services import redis_db_url
 from connectors.kafka import create_topics
 from flows.model import Profile
 from gateway.loadtest import cpu_s
@@ -415,11 +415,6 @@ def encode_hist(h: HdrHistogram) -> str:
     return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
 
 
-def _own_db(url: str, db: int = REDIS_DB) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
 def short_dwell_rules(path: Path, dwell_s: float) -> Path:
     """The default rules with ``help-sprite``'s dwell set to ``dwell_s`` (quick mode)."""
     from importlib import resources  # noqa: PLC0415
@@ -630,7 +625,7 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
              profile_engine: bool = False) -> RunData:
     """One engine process: probes, warm-up, the phase, probes; see the module doc."""
     tag = f"L{index}x{secrets.token_hex(3)}"
-    url = _own_db(ctx.redis_url)
+    url = redis_db_url(ctx.redis_url, REDIS_DB)
     work = ctx.work_dir / "latency"
     work.mkdir(parents=True, exist_ok=True)
     client = redis.Redis.from_url(url)
@@ -945,7 +940,7 @@ def plot_cdf(path: Path, curves: dict[str, HdrHistogram], title: str,
 
 
 def _prepare_redis(ctx: BenchContext, plan: Plan) -> None:
-    client = redis.Redis.from_url(_own_db(ctx.redis_url))
+    client = redis.Redis.from_url(redis_db_url(ctx.redis_url, REDIS_DB))
     try:
         client.flushdb()
         store = RedisProfileStore(client)

@@ -26,11 +26,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "Service",
     "ServiceError",
     "free_port",
+    "redis_db_url",
     "redis_exe",
     "services",
     "start_redis",
@@ -227,6 +229,13 @@ def start_tansu_with_storage(work_dir: Path, storage_engine: str, *, port: int |
 
 
 # --- redis-server ---------------------------------------------------------------------
+
+
+def redis_db_url(url: str, db: int) -> str:
+    """``url`` (``redis://host:port[/db]``) naming database ``db`` instead: each bench
+    part keeps its keys in a database of its own on the bench's redis-server."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
 def redis_exe() -> str:

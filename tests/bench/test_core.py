@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.core import BenchContext, free_path
+from bench.services import redis_db_url
 
 
 def _ctx(results: Path) -> BenchContext:
@@ -36,3 +37,12 @@ def test_free_path(tmp_path: Path) -> None:
     assert free_path(table) == tmp_path / "2026-11-24-table-2.md"
     (tmp_path / "2026-11-24-table-2.md").write_text("")
     assert free_path(table) == tmp_path / "2026-11-24-table-3.md"
+
+
+def test_redis_db_url_names_the_part_s_own_database() -> None:
+    # Each part keeps its keys in a database of its own on the bench's redis-server
+    # (the latency part 11, engine_idle 12, gateway_idle 9).
+    assert redis_db_url("redis://127.0.0.1:6390/0", 11) == "redis://127.0.0.1:6390/11"
+    assert redis_db_url("redis://127.0.0.1:6390", 9) == "redis://127.0.0.1:6390/9"
+    assert redis_db_url("rediss://u:p@h:1/3?ssl_cert_reqs=none", 12) == \
+        "rediss://u:p@h:1/12?ssl_cert_reqs=none"
