@@ -1,9 +1,14 @@
-"""A source wrapped with hooks around its partitions: same partitions, items and resume
-state as the inner source; only when a partition ends, and what is told of it, differs.
+"""Sources wrapped around other sources.
 
-:func:`flows.shutdown.stoppable` (a stop request ends every partition) and
-:func:`connectors.rules_sources.end_with_input` (the rule-change input ends with the
-event input) are both such wrappers, for fixed-partitioned and dynamic sources alike.
+A source wrapped with hooks around its partitions (:func:`wrap_source`): same
+partitions, items and resume state as the inner source; only when a partition ends, and
+what is told of it, differs. :func:`flows.shutdown.stoppable` (a stop request ends every
+partition) and :func:`connectors.rules_sources.end_with_input` (the rule-change input
+ends with the event input) are both such wrappers, for fixed-partitioned and dynamic
+sources alike.
+
+Two fixed-partitioned sources read as one (:func:`with_partitions_of`), so that a
+dataflow has one input step where it would have two (see there why that matters).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from bytewax.inputs import (
     StatelessSourcePartition,
 )
 
-__all__ = ["PartitionHooks", "wrap_source"]
+__all__ = ["PartitionHooks", "with_partitions_of", "wrap_source"]
 
 X = TypeVar("X")
 S = TypeVar("S")
@@ -120,3 +125,52 @@ def wrap_source(source: Source[X], hooks: PartitionHooks) -> Source[X]:
     if isinstance(source, DynamicSource):
         return _DynamicSource(source, hooks)
     raise TypeError(f"cannot wrap a {type(source).__name__}")
+
+
+class _Joined(FixedPartitionedSource[Any, Any]):
+    def __init__(self, main: FixedPartitionedSource[Any, Any],
+                 extra: FixedPartitionedSource[Any, Any], prefix: str) -> None:
+        self.main = main
+        self.extra = extra
+        self.prefix = prefix
+
+    def list_parts(self) -> list[str]:
+        main = self.main.list_parts()
+        taken = [p for p in main if p.startswith(self.prefix)]
+        if taken:
+            raise ValueError(f"partition names {taken} begin with {self.prefix!r}, "
+                             "which names the partitions of the other source")
+        return main + [self.prefix + p for p in self.extra.list_parts()]
+
+    def build_part(self, step_id: str, for_part: str,
+                   resume_state: Any | None) -> StatefulSourcePartition[Any, Any]:
+        if for_part.startswith(self.prefix):
+            return self.extra.build_part(step_id, for_part[len(self.prefix):], resume_state)
+        return self.main.build_part(step_id, for_part, resume_state)
+
+
+def with_partitions_of(main: Source[X], extra: Source[Any], prefix: str) -> Source[Any]:
+    """One fixed-partitioned source with the partitions of ``main`` and of ``extra``.
+
+    ``extra``'s partitions are named ``prefix`` + their own name (``main``'s must not
+    begin with ``prefix``); each partition keeps its items and its resume state, and is
+    built by its own source.
+
+    Why: Bytewax 0.21.1 keeps the epoch of every input partition on its own clock and
+    lets an input step read the next epoch only once every output has finished the
+    previous one. An input step checks the epochs of all of its partitions at each
+    activation, so its partitions move to the next epoch together. Two input steps do
+    not: a step woken every 50 ms (the rule changes) notices its epoch's end up to a few
+    ms later than one woken every 1 ms (the Kafka partitions), every epoch, and the
+    difference adds up. The faster step then waits longer at every epoch end, spinning
+    (its partitions' wake-up times have passed, so Bytewax activates it at once, again
+    and again) instead of reading. With 1 s epochs an idle engine's wait grew by about
+    4 ms a second, and its worker's CPU with it, until it would read each partition once
+    per epoch (``bench/README.md``, "Two input steps drift apart"). One step has one
+    rhythm.
+    """
+    if not isinstance(main, FixedPartitionedSource) or not isinstance(
+            extra, FixedPartitionedSource):
+        raise TypeError("with_partitions_of joins fixed-partitioned sources; got "
+                        f"{type(main).__name__} and {type(extra).__name__}")
+    return _Joined(main, extra, prefix)

@@ -18,6 +18,7 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, Sink
 
+from connectors.wrapped import with_partitions_of
 from flows import metrics
 from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, rule_campaigns, shard_key
 from flows.codec import pack, unpack
@@ -378,6 +379,13 @@ def _profiles_of(batches: list[ShardBatch]) -> Mapping[str, Profile]:
     return merged
 
 
+CONTROL_PARTS = "control:"
+"""The prefix of the rule-change partitions in the one input step."""
+CONTROL_KEY = "control"
+"""The router's key for rule changes and decisions (never a shard key)."""
+_CONTROL_TYPES = (RulesUpdate, RulesStatus)
+
+
 @dataclass(frozen=True)
 class ShardRouter:
     """Live: group a batch of raw records by customer shard, without decoding them.
@@ -393,9 +401,11 @@ class ShardRouter:
     and each shard's :class:`ShardBatch` carries what was read for its customers.
 
     With ``control``, a :class:`flows.control.RulesUpdate` in the batch (the accepted
-    rule changes merged into the input) is sent to *every* shard key, in its place:
-    each shard gets the records the router saw before it, then the update, then the
-    records after it.
+    rule changes, read by the same input step) is sent to *every* shard key, in its
+    place: each shard gets the records the router saw before it, then the update, then
+    the records after it. Each update, and each :class:`flows.control.RulesStatus`, also
+    comes out once as ``(CONTROL_KEY, item)``, for the steps after the shards and the
+    rule-status output.
     """
 
     shards: int
@@ -405,16 +415,19 @@ class ShardRouter:
     control: bool = False
 
     def __call__(self, records: list[Any]) -> list[tuple[str, Any]]:
-        """``[(shard key, ShardBatch | RulesUpdate), ...]``."""
-        if self.control and any(type(r) is RulesUpdate for r in records):
+        """``[(shard key, ShardBatch | RulesUpdate), ...]``, and with ``control``
+        ``(CONTROL_KEY, RulesUpdate | RulesStatus)``."""
+        if self.control and any(type(r) in _CONTROL_TYPES for r in records):
             out: list[tuple[str, Any]] = []
             seg: list[RawRecord] = []
             for r in records:
-                if type(r) is RulesUpdate:
+                if type(r) in _CONTROL_TYPES:
                     if seg:
                         out.extend(self.route(seg))
                         seg = []
-                    out.extend((shard_key(s), r) for s in range(self.shards))
+                    if type(r) is RulesUpdate:
+                        out.extend((shard_key(s), r) for s in range(self.shards))
+                    out.append((CONTROL_KEY, r))
                 else:
                     seg.append(r)
             if seg:
@@ -616,23 +629,29 @@ def build_flow(
     if control is not None and not live:
         raise ValueError("rule changes while running (control) need live mode")
     flow = Dataflow("touchstream")
-    raw: Stream[Any] = op.input("events_in", flow, source)
-    # raw: RawRecord (bytes, where they came from, format)
-    updates: Stream[Any] | None = None
     if control is not None:
-        ctl = op.input("rules_in", flow, control)
-        # ctl: RulesUpdate (an accepted rule set) | RulesStatus (every decision)
-        updates = op.filter("rule_updates", ctl, _is_update)
-        _emit("rules_status_out", op.filter("rules_status", ctl, _is_status),
-              outputs.rules_status)
-        raw = op.merge("events_and_rules", raw, updates)
-        # raw: RawRecord | RulesUpdate, each update in its place in the router's batch
+        # one input step, not two: two input steps' epochs drift apart in Bytewax 0.21.1
+        # (connectors.wrapped.with_partitions_of says how)
+        source = with_partitions_of(source, control, CONTROL_PARTS)
+    raw: Stream[Any] = op.input("events_in", flow, source)
+    # raw: RawRecord (bytes, where they came from, format); with control, also
+    # RulesUpdate (an accepted rule set) | RulesStatus (every decision) from its partition
+    updates: Stream[Any] | None = None
     dead: Stream[Any]
     if live:
         router = ShardRouter(es.shards, limits, profiles, f"{settings.kafka.clicks_topic}/",
                              control=control is not None)
         keyed = op.flat_map_batch("route_to_shards", raw, router)
-        # keyed: (shard key, [RawRecord, ...]): decoded by the shard, applied on arrival
+        # keyed: (shard key, [RawRecord, ...]): decoded by the shard, applied on arrival;
+        # with control, each RulesUpdate to every shard key in its place in the batch,
+        # and (CONTROL_KEY, RulesUpdate | RulesStatus) once
+        if control is not None:
+            ctl = op.filter_map("control_items", keyed, _control_item)
+            # ctl: RulesUpdate | RulesStatus
+            keyed = op.filter("shard_items", keyed, _is_shard_item)
+            updates = op.filter("rule_updates", ctl, _is_update)
+            _emit("rules_status_out", op.filter("rules_status", ctl, _is_status),
+                  outputs.rules_status)
     else:
         decoded = op.map("decode", raw, decode)
         # decoded: Envelope | DeadLetter
@@ -703,6 +722,14 @@ def build_flow(
                            op.filter("friction_rules_applied", friction_out, _is_applied))
         _emit("rules_applied_out", applied, outputs.rules_applied)
     return flow
+
+
+def _control_item(kv: tuple[str, Any]) -> Any:
+    return kv[1] if kv[0] == CONTROL_KEY else None
+
+
+def _is_shard_item(kv: tuple[str, Any]) -> bool:
+    return kv[0] != CONTROL_KEY
 
 
 def _is_update(x: Any) -> bool:

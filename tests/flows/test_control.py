@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.testing import cluster_main
+from bytewax.testing import TestingSource, cluster_main
 
 from connectors.rules_sources import ControlSource, InputEnd, QueueRules, end_with_input
 from flows.aggregates import shard_key
@@ -345,6 +345,21 @@ def test_a_change_mid_stream_applies_once_at_the_same_point_on_every_shard() -> 
                                                      ("rejected", None)]
     assert sts[1].active_version == 2
     assert any("cinema-pay" in e and "min_visits" in e for e in sts[1].errors)
+
+
+def test_rule_changes_are_read_by_the_event_input_step_not_a_second_one() -> None:
+    """Two input steps' epochs drift apart in Bytewax 0.21.1 (connectors.wrapped,
+    ``with_partitions_of``): the rule-change partition is one more partition of
+    ``events_in``, and the flow has no other input step."""
+    latch = InputEnd()
+    control = ControlSource(active(), [QueueRules()], poll_s=0.05, until=latch)
+    settings = load_settings(mode="live", engine={"shards": SHARDS})
+    flow = build_flow(settings, source=end_with_input(TestingSource([]), latch),
+                      outputs=Outputs(), rules=parse_rules(base_doc(), "t"),
+                      profiles=InMemoryProfileStore(), control=control)
+    inputs = [s for s in flow.substeps if type(s).__name__ == "input"]  # op.input steps
+    assert [s.step_name for s in inputs] == ["events_in"]
+    assert inputs[0].source.list_parts() == ["iterable", "control:rules"]
 
 
 def test_the_active_set_survives_a_crash_with_the_shard_state(tmp_path: Path) -> None:
