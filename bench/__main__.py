@@ -29,7 +29,8 @@ from bench.services import services
 
 PARTS = ("throughput", "latency", "memory")
 # run only when named
-EXTRA_PARTS = ("gateway_idle", "broker_fetch", "engine_idle", "decode", "profile_reads", "snapshot")
+EXTRA_PARTS = ("gateway_idle", "broker_fetch", "engine_idle", "input_drift", "decode",
+               "profile_reads", "snapshot")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -164,10 +164,9 @@ def with_partitions_of(main: Source[X], extra: Source[Any], prefix: str) -> Sour
     ms later than one woken every 1 ms (the Kafka partitions), every epoch, and the
     difference adds up. The faster step then waits longer at every epoch end, spinning
     (its partitions' wake-up times have passed, so Bytewax activates it at once, again
-    and again) instead of reading. With 1 s epochs an idle engine's wait grew by about
-    4 ms a second, and its worker's CPU with it, until it would read each partition once
-    per epoch (``bench/README.md``, "Two input steps drift apart"). One step has one
-    rhythm.
+    and again) instead of reading. With 1 s epochs an idle engine's wait, and its
+    worker's CPU, grew with its age (``bench/README.md``, "Two input steps drift
+    apart"). One step has one rhythm.
     """
     if not isinstance(main, FixedPartitionedSource) or not isinstance(
             extra, FixedPartitionedSource):
