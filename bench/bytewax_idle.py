@@ -1,14 +1,14 @@
 """A bare Bytewax flow with nothing to read, for the input-drift part (``bench/input_drift.py``).
 
-``python -m bench.bytewax_idle --layout two|one --seconds S --window W``: 9 partitions
-woken every 1 ms (like the engine's Kafka partitions before the idle rest) and 1
-partition woken every 50 ms (like the rule-change input), none of which ever has a
-record, read by two ``op.input`` steps merged (``two``) or by one step
-(``one``, :func:`connectors.wrapped.with_partitions_of`), into a sink that drops
-everything; 1 s epochs, one worker. Every ``W`` seconds it prints one JSON line: the
-age, the process's CPU over the window (``/proc``; its one worker thread is nearly all
-of it), the longest pause between two reads of a 1 ms partition, and the reads per
-second of those partitions.
+``python -m bench.bytewax_idle --layout two|one --seconds S --window W [--workers N]
+[--epoch E] [--fast-rest-ms R]``: 9 partitions woken every ``R`` (1) ms, like the
+engine's Kafka partitions before the idle rest, and 1 partition woken every 50 ms, like
+the rule-change input, none of which ever has a record; read by two ``op.input`` steps
+merged (``two``) or by one step (``one``, :func:`connectors.wrapped.with_partitions_of`),
+into a sink that drops everything; ``E`` (1) s epochs, ``N`` (1) workers. Every ``W``
+seconds it prints one JSON line: the age, the process's CPU over the window (``/proc``;
+with one worker, its thread is nearly all of it), the longest pause between two reads
+of a fast partition, and the reads per second of those partitions.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import orjson
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import cluster_main
 
+from bench.contenders.bytewax_count import DiscardSink
 from connectors.wrapped import with_partitions_of
 
 __all__ = ["build", "main"]
@@ -92,19 +92,10 @@ class _Source(FixedPartitionedSource[Any, None]):
         return _Part(self.rest, self.until, self.reads)
 
 
-class _Drop(StatelessSinkPartition[Any]):
-    def write_batch(self, items: list[Any]) -> None:
-        pass
-
-
-class _DropSink(DynamicSink[Any]):
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Drop:
-        return _Drop()
-
-
-def build(layout: str, until: float, reads: _Reads) -> Dataflow:
+def build(layout: str, until: float, reads: _Reads,
+          fast_rest: timedelta = FAST_REST) -> Dataflow:
     """The flow: ``two`` input steps merged, or ``one`` step reading both sources."""
-    fast = _Source([f"events/{i}" for i in range(FAST_PARTS)], FAST_REST, until, reads)
+    fast = _Source([f"events/{i}" for i in range(FAST_PARTS)], fast_rest, until, reads)
     slow = _Source(["rules"], SLOW_REST, until, None)
     flow = Dataflow("idle")
     if layout == "two":
@@ -114,7 +105,7 @@ def build(layout: str, until: float, reads: _Reads) -> Dataflow:
         s = op.input("events_in", flow, with_partitions_of(fast, slow, "control:"))
     else:
         raise ValueError(f"layout must be 'one' or 'two', not {layout!r}")
-    op.output("out", s, _DropSink())
+    op.output("out", s, DiscardSink())
     return flow
 
 
@@ -130,11 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["one", "two"], required=True)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--window", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=1, help="worker threads")
+    ap.add_argument("--epoch", type=float, default=EPOCH.total_seconds(),
+                    help="epoch interval, s")
+    ap.add_argument("--fast-rest-ms", type=float, default=FAST_REST / timedelta(milliseconds=1),
+                    help="rest of the 9 fast partitions, ms")
     args = ap.parse_args(argv)
     born = time.monotonic()
     reads = _Reads()
     # a half window more, so that the last window is printed before the flow ends
-    flow = build(args.layout, born + args.seconds + args.window / 2, reads)
+    flow = build(args.layout, born + args.seconds + args.window / 2, reads,
+                 timedelta(milliseconds=args.fast_rest_ms))
 
     def watch() -> None:
         last = _process_cpu_s()
@@ -151,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             last = now
 
     threading.Thread(target=watch, daemon=True).start()
-    cluster_main(flow, [], 0, epoch_interval=EPOCH)  # type: ignore[no-untyped-call]
+    cluster_main(flow, [], 0, epoch_interval=timedelta(seconds=args.epoch),  # type: ignore[no-untyped-call]
+                 worker_count_per_proc=args.workers)
     return 0
 
 
