@@ -27,17 +27,19 @@ setting bench/README suggests for Tansu under a sustained feed: fewer idle fetch
 Each run starts its own Tansu and redis-server, so the broker holds nothing but the
 run's empty topics.
 
-Not in the default ``make bench`` (3 runs take about 6 min): ``python -m bench
+Not in the default ``make bench`` (3 runs take about 5 min): ``python -m bench
 engine_idle``; its quick mode is in ``make test`` (``tests/bench/test_engine_idle_quick.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ from flows.model import Profile
 from gateway.loadtest import cpu_s
 from state.redis_store import RedisProfileStore
 
-__all__ = ["FULL", "QUICK", "VARIANTS", "IdleTimes", "run"]
+__all__ = ["FULL", "QUICK", "VARIANTS", "IdleTimes", "own_engine", "run", "split_threads",
+           "thread_cpu"]
 
 PART = "engine_idle"
 REDIS_DB = 12
@@ -88,7 +91,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 """Label -> the engine's environment on top of the shipped settings."""
 
 
-def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """``{tid: (thread name, user + system CPU seconds)}`` of every thread of ``pid``."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
@@ -104,7 +107,7 @@ def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
 
 def split_threads(pid: int, before: dict[int, tuple[str, float]],
                   after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
-    """Cores used between two :func:`_thread_cpu` readings of process ``pid``: the
+    """Cores used between two :func:`thread_cpu` readings of process ``pid``: the
     worker (its main thread), librdkafka's threads (``rdk:*``), the other threads, and
     the total. A thread that started in between counts from zero."""
     use = {"worker": 0.0, "librdkafka": 0.0, "other": 0.0}
@@ -212,9 +215,9 @@ def _one_run(work: Path, index: int, times: IdleTimes) -> dict[str, _Run]:
                 try:
                     prober.push_ms(engine, timeout_s=60)  # up and reading (not counted)
                     time.sleep(times.settle_s)
-                    before, b0, t0 = _thread_cpu(engine.proc.pid), cpu_s(bpid), time.monotonic()
+                    before, b0, t0 = thread_cpu(engine.proc.pid), cpu_s(bpid), time.monotonic()
                     time.sleep(times.window_s)
-                    after, b1, t1 = _thread_cpu(engine.proc.pid), cpu_s(bpid), time.monotonic()
+                    after, b1, t1 = thread_cpu(engine.proc.pid), cpu_s(bpid), time.monotonic()
                     engine.check()
                     run = _Run(engine=split_threads(engine.proc.pid, before, after, t1 - t0),
                                broker_cores=round((b1 - b0) / (t1 - t0), 3))
@@ -300,25 +303,35 @@ def run(ctx: BenchContext) -> PartResult:
     return result
 
 
-def quiet_spells(spans: list[float], env: dict[str, str], work: Path) -> list[float]:
+@contextlib.contextmanager
+def own_engine(work: Path, tag: str,
+               env: dict[str, str]) -> Iterator[tuple[EngineProcess, _Prober]]:
     """One engine (``env`` on top of the shipped settings) on its own Tansu and
-    redis-server: after a first probe, one probe after each quiet spell of ``spans``
-    seconds; the first push times (ms)."""
+    redis-server (under ``work``), reading: yields it and its prober after a first probe
+    (not counted) got its push; stops both on exit."""
     with services(work) as (brokers, redis_url):
         client = redis.Redis.from_url(redis_db_url(redis_url, REDIS_DB))
-        engine, prober = _start(brokers, redis_url, client, "quiet", env, work / "engine.log")
+        engine, prober = _start(brokers, redis_url, client, tag, env, work / "engine.log")
         try:
             prober.push_ms(engine, timeout_s=60)
-            out = []
-            for span in spans:
-                time.sleep(span)
-                out.append(round(prober.push_ms(engine, timeout_s=30), 2))
-                print(f"first push after {span:g} s quiet: {out[-1]} ms", flush=True)
-            return out
+            yield engine, prober
         finally:
             engine.stop()
             prober.close()
             client.close()
+
+
+def quiet_spells(spans: list[float], env: dict[str, str], work: Path) -> list[float]:
+    """One engine (``env`` on top of the shipped settings) on its own Tansu and
+    redis-server: after a first probe, one probe after each quiet spell of ``spans``
+    seconds; the first push times (ms)."""
+    with own_engine(work, "quiet", env) as (engine, prober):
+        out = []
+        for span in spans:
+            time.sleep(span)
+            out.append(round(prober.push_ms(engine, timeout_s=30), 2))
+            print(f"first push after {span:g} s quiet: {out[-1]} ms", flush=True)
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,12 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 
 from bench.core import BenchContext, PartResult
-from bench.engine_idle import REDIS_DB, _start, _thread_cpu, split_threads
+from bench.engine_idle import own_engine, split_threads, thread_cpu
 from bench.latency import REPO
-from bench.services import redis_db_url, services
 
 __all__ = ["FULL", "LAYOUTS", "QUICK", "DriftTimes", "run"]
 
@@ -83,25 +81,16 @@ def engine(work: Path, times: DriftTimes) -> list[dict[str, float]]:
     """The engine idle on its own Tansu and redis-server: per window, its worker's CPU
     and the first push after the window."""
     windows: list[dict[str, float]] = []
-    with services(work) as (brokers, redis_url):
-        client = redis.Redis.from_url(redis_db_url(redis_url, REDIS_DB))
-        eng, prober = _start(brokers, redis_url, client, "drift", ENGINE_ENV,
-                             work / "engine.log")
-        try:
-            prober.push_ms(eng, timeout_s=60)  # up and reading (not counted)
-            born = time.monotonic()
-            while time.monotonic() - born < times.seconds:
-                before, t0 = _thread_cpu(eng.proc.pid), time.monotonic()
-                time.sleep(times.window_s)
-                after, t1 = _thread_cpu(eng.proc.pid), time.monotonic()
-                eng.check()
-                use = split_threads(eng.proc.pid, before, after, t1 - t0)
-                windows.append({"age_s": round(t1 - born, 1), "cores": use["worker"],
-                                "first_push_ms": round(prober.push_ms(eng, timeout_s=30), 2)})
-        finally:
-            eng.stop()
-            prober.close()
-            client.close()
+    with own_engine(work, "drift", ENGINE_ENV) as (eng, prober):
+        born = time.monotonic()
+        while time.monotonic() - born < times.seconds:
+            before, t0 = thread_cpu(eng.proc.pid), time.monotonic()
+            time.sleep(times.window_s)
+            after, t1 = thread_cpu(eng.proc.pid), time.monotonic()
+            eng.check()
+            use = split_threads(eng.proc.pid, before, after, t1 - t0)
+            windows.append({"age_s": round(t1 - born, 1), "cores": use["worker"],
+                            "first_push_ms": round(prober.push_ms(eng, timeout_s=30), 2)})
     return windows
 
 
