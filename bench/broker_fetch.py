@@ -165,7 +165,7 @@ def run(ctx: BenchContext) -> PartResult:
     """Each variant ``ctx.runs`` times (quick: once, tiny), interleaved."""
     cfg = QUICK if ctx.quick else FULL
     rate, seconds = int(cfg["rate"]), float(cfg["seconds"])
-    runs = 1 if ctx.quick else max(1, ctx.runs)
+    runs = ctx.run_count
     result = PartResult(PART)
     series: dict[str, list[dict[str, float]]] = {}
     for i in range(runs):

@@ -61,6 +61,11 @@ class BenchContext:
             self._stems[part] = stem
         return self.results_dir / f"{stem}{suffix}"
 
+    @property
+    def run_count(self) -> int:
+        """How many runs a part makes: ``runs`` (at least 1), or 1 in quick mode."""
+        return 1 if self.quick else max(1, self.runs)
+
 
 @dataclass
 class Figure:

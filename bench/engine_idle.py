@@ -268,7 +268,7 @@ def _plot(path: Path, runs: list[dict[str, _Run]]) -> None:
 def run(ctx: BenchContext) -> PartResult:
     """``ctx.runs`` runs (quick: 1, short), each on its own Tansu and redis-server."""
     times = QUICK if ctx.quick else FULL
-    n = 1 if ctx.quick else max(1, ctx.runs)
+    n = ctx.run_count
     result = PartResult(PART)
     runs = [_one_run(ctx.work_dir, i, times) for i in range(n)]
     for r in runs:

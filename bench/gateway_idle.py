@@ -48,7 +48,7 @@ def run(ctx: BenchContext) -> PartResult:
     """``ctx.runs`` SSE runs of N idle connections, and one WebSocket run."""
     n = QUICK_N if ctx.quick else FULL_N
     hold = 2.0 if ctx.quick else 30.0
-    runs = 1 if ctx.quick else max(1, ctx.runs)
+    runs = ctx.run_count
     url = redis_db_url(ctx.redis_url, 9)
     result = PartResult(PART)
     for i in range(runs):

@@ -126,7 +126,7 @@ def _plot(path: Path, runs: list[dict[str, list[dict[str, float]]]]) -> None:
 def run(ctx: BenchContext) -> PartResult:
     """``ctx.runs`` runs (quick: 1, short) of the two bare layouts and the engine."""
     times = QUICK if ctx.quick else FULL
-    n = 1 if ctx.quick else max(1, ctx.runs)
+    n = ctx.run_count
     result = PartResult(PART)
     runs: list[dict[str, list[dict[str, float]]]] = []
     for i in range(n):

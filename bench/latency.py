@@ -982,7 +982,7 @@ def _cpu_figures(result: PartResult, label: str, rd: RunData) -> None:
 def run(ctx: BenchContext, *, profile_engine: bool = False) -> PartResult:
     """Latency at 1k, 5k and 10k events/s (quick: one low rate) and help-sprite lateness."""
     plan = QUICK if ctx.quick else FULL
-    runs = 1 if ctx.quick else max(1, ctx.runs)
+    runs = ctx.run_count
     result = PartResult(PART)
     _prepare_redis(ctx, plan)
     data: dict[str, list[RunData]] = {p.name: [] for p in plan.phases}
@@ -1069,7 +1069,7 @@ def compare_kafka_settings(ctx: BenchContext,
     plan = QUICK if ctx.quick else FULL
     phase = plan.phases[0] if ctx.quick else COMPARE_PHASE
     phase = Phase(phase.name, phase.rate, phase.duration_s)  # no stuck customers
-    runs = 1 if ctx.quick else max(1, ctx.runs)
+    runs = ctx.run_count
     part = f"{PART}-kafka-settings"
     result = PartResult(part)
     _prepare_redis(ctx, plan)

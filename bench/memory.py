@@ -793,7 +793,7 @@ def plot(path: Path, docs: list[dict[str, Any]]) -> Path | None:
 def run(ctx: BenchContext) -> PartResult:
     """RSS per customer at 100k/1M/2M customers (quick: 10k) and after idle eviction."""
     checkpoints = QUICK if ctx.quick else FULL
-    planned = 1 if ctx.quick else max(1, ctx.runs)
+    planned = ctx.run_count
     result = PartResult(PART)
     started = time.monotonic()
     # The runs go side by side, each in its own interpreter: resident memory is per

@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import broker_fetch
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_broker_fetch_quick(tmp_path: Path) -> None:
-    ctx = BenchContext(brokers="", redis_url="", quick=True, runs=3,
-                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
-                       date="2000-01-01")
+    ctx = quick_ctx(tmp_path)
     result = broker_fetch.run(ctx)
 
     sent = int(broker_fetch.QUICK["rate"] * broker_fetch.QUICK["seconds"])

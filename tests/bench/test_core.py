@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from bench.core import BenchContext, free_path
@@ -46,3 +47,10 @@ def test_redis_db_url_names_the_part_s_own_database() -> None:
     assert redis_db_url("redis://127.0.0.1:6390", 9) == "redis://127.0.0.1:6390/9"
     assert redis_db_url("rediss://u:p@h:1/3?ssl_cert_reqs=none", 12) == \
         "rediss://u:p@h:1/12?ssl_cert_reqs=none"
+
+
+def test_run_count_is_one_in_quick_mode_and_at_least_one_otherwise(tmp_path: Path) -> None:
+    quick = _ctx(tmp_path)
+    assert replace(quick, runs=5).run_count == 1
+    full = replace(quick, quick=False)
+    assert [replace(full, runs=n).run_count for n in (0, 1, 3)] == [1, 1, 3]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import engine_idle
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_split_threads_counts_the_main_thread_as_the_worker() -> None:
@@ -25,9 +25,7 @@ def test_split_threads_counts_the_main_thread_as_the_worker() -> None:
 
 @pytest.mark.integration
 def test_engine_idle_quick(tmp_path: Path) -> None:
-    ctx = BenchContext(brokers="", redis_url="", quick=True, runs=3,
-                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
-                       date="2000-01-01")
+    ctx = quick_ctx(tmp_path)
     result = engine_idle.run(ctx)
 
     (run,) = result.extra["runs"]

@@ -14,7 +14,7 @@ import pytest
 
 from bench import input_drift
 from bench.bytewax_idle import main as bare_main
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_the_bare_flow_refuses_an_unknown_layout() -> None:
@@ -24,9 +24,7 @@ def test_the_bare_flow_refuses_an_unknown_layout() -> None:
 
 @pytest.mark.integration
 def test_input_drift_quick(tmp_path: Path) -> None:
-    ctx = BenchContext(brokers="", redis_url="", quick=True, runs=3,
-                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
-                       date="2000-01-01")
+    ctx = quick_ctx(tmp_path)
     result = input_drift.run(ctx)
 
     (run,) = result.extra["runs"]

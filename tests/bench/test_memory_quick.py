@@ -11,19 +11,11 @@ import json
 from pathlib import Path
 
 from bench import memory
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_memory_quick(tmp_path: Path) -> None:
-    ctx = BenchContext(
-        brokers="",
-        redis_url="",
-        quick=True,
-        runs=3,  # quick mode runs once whatever is asked
-        results_dir=tmp_path / "results",
-        work_dir=tmp_path / "work",
-        date="2000-01-01",
-    )
+    ctx = quick_ctx(tmp_path, runs=3)  # quick mode runs once whatever is asked
     result = memory.run(ctx)
 
     (run,) = result.extra["runs"]

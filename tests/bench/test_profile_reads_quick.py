@@ -12,15 +12,13 @@ from pathlib import Path
 import redis
 
 from bench import profile_reads
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_profile_reads_quick(tmp_path: Path, redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.set("someone-else", "1")
-    ctx = BenchContext(brokers="", redis_url=redis_url, quick=True, runs=2,
-                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
-                       date="2000-01-01")
+    ctx = quick_ctx(tmp_path, runs=2, redis_url=redis_url)
     result = profile_reads.run(ctx)
 
     sizes = profile_reads.QUICK.sizes

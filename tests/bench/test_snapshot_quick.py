@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import snapshot
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 
 def test_snapshot_quick(tmp_path: Path) -> None:
-    ctx = BenchContext(brokers="", redis_url="", quick=True, runs=2,
-                       results_dir=tmp_path / "results", work_dir=tmp_path / "work",
-                       date="2000-01-01")
+    ctx = quick_ctx(tmp_path, runs=2)
     result = snapshot.run(ctx)
 
     figures = {f.name: f for f in result.figures}

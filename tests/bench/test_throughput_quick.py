@@ -8,21 +8,13 @@ from pathlib import Path
 import pytest
 
 from bench import throughput
-from bench.core import BenchContext
+from tests.bench import quick_ctx
 
 pytestmark = pytest.mark.integration
 
 
 def test_throughput_quick(tansu: str, redis_server: str, tmp_path: Path) -> None:
-    ctx = BenchContext(
-        brokers=tansu,
-        redis_url=redis_server,
-        quick=True,
-        runs=1,
-        results_dir=tmp_path / "results",
-        work_dir=tmp_path / "work",
-        date="2000-01-01",
-    )
+    ctx = quick_ctx(tmp_path, runs=1, brokers=tansu, redis_url=redis_server)
     result = throughput.run(ctx)  # quick mode raises if any contender fails
 
     (run,) = result.extra["runs"]
