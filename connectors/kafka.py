@@ -252,6 +252,12 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
                         # The broker's end is below our position (seen while proving it).
                         self._out_of_range(f"end of partition at offset {eof_at}")
                         break
+                    if eof_at is not None and eof_at >= 0 and self._next < 0:
+                        # A logical start (OFFSET_BEGINNING) at the end: the event's
+                        # offset is where reading goes on. Not position(): after this
+                        # event it answers the offset + 1, and a snapshot of that would
+                        # skip the partition's next record as already read.
+                        self._next = eof_at
                     self._at_end = True
                     if self._last_activity is None:
                         self._last_activity = time.monotonic()
@@ -456,8 +462,9 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         """The next offset to read.
 
         Before the first message it is the start position: a real offset when
-        resuming or tailing, else ``OFFSET_BEGINNING`` (-2) until librdkafka knows
-        the real position (``OFFSET_END`` (-1) only if the end could not be resolved).
+        resuming or tailing, or the offset of an end-of-partition event, else
+        ``OFFSET_BEGINNING`` (-2) until librdkafka knows the real position
+        (``OFFSET_END`` (-1) only if the end could not be resolved).
         """
         if self._next < 0:
             try:

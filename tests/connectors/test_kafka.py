@@ -321,6 +321,29 @@ def test_eof_idle_and_resume_ignore_tansus_low_high_watermark(
 
 
 @pytest.mark.integration
+def test_a_snapshot_at_the_end_of_an_empty_partition_is_offset_0(
+    tansu: str, tansu_topic: TopicFactory
+) -> None:
+    """After an end-of-partition event librdkafka's ``position()`` answers the event's
+    offset + 1 (1 on an empty partition, whose end is 0). A snapshot taken then must
+    still be 0, and the partition's first record must be read, not skipped as already
+    read, with no "broker lost data" reset."""
+    t = tansu_topic(1)
+    part = KafkaInput(tansu, {t: "json"}, eof_when_idle_s=60).build_part("in", f"{t}/0", None)
+    deadline = time.monotonic() + 10
+    while not part._at_end and time.monotonic() < deadline:
+        assert part.next_batch() == []
+    assert part._at_end, "no end-of-partition event within 10 s"
+    assert part.snapshot() == 0
+    _produce(tansu, t, [(0, None, b"first")])
+    got = _drain(part, 1)
+    assert [(r.pos, r.value) for r in got] == [(0, b"first")]
+    assert part.snapshot() == 1
+    part.close()
+    assert _resets(t, "earliest") == 0
+
+
+@pytest.mark.integration
 def test_idle_at_the_end_of_a_multi_record_batch_is_not_out_of_range(
     tansu: str, tansu_topic: TopicFactory
 ) -> None:
