@@ -86,7 +86,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no idle rest": {"TOUCHSTREAM_KAFKA__IDLE_REST_MS": "1"},
     "shipped": {},
     "shipped, fetch.wait.max.ms=100": {
-        "TOUCHSTREAM_KAFKA__CONFIG": json.dumps({"fetch.wait.max.ms": 100})},
+        "TOUCHSTREAM_KAFKA__CONSUMER_CONFIG": json.dumps({"fetch.wait.max.ms": 100})},
 }
 """Label -> the engine's environment on top of the shipped settings."""
 

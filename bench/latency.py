@@ -32,7 +32,8 @@ it) are not comparable with their 1k and 10k ones, nor with the figures since.
 
 ``--compare-kafka-settings`` runs 5k events/s for 20 s once per set of Kafka latency
 settings (librdkafka's defaults against small values), passed to the engine through
-``TOUCHSTREAM_KAFKA__CONFIG``, and also measures event -> ``exp.pushes`` (Kafka)
+``TOUCHSTREAM_KAFKA__CONSUMER_CONFIG`` and ``__PRODUCER_CONFIG`` (``linger.ms``), and
+also measures event -> ``exp.pushes`` (Kafka)
 latency, the path the engine's ``linger.ms`` acts on.
 
 ``python -m bench.latency [--quick] [--runs N] [--compare-kafka-settings] [--profile]``
@@ -192,6 +193,19 @@ KAFKA_SETTINGS: dict[str, dict[str, int]] = {
 }
 """``fetch.wait.max.ms`` / ``fetch.queue.backoff.ms`` / ``linger.ms`` sets compared."""
 
+PRODUCER_KEYS = frozenset({"linger.ms", "queue.buffering.max.ms", "batch.num.messages",
+                           "batch.size", "compression.type", "acks"})
+"""The librdkafka properties in a settings set that go to the engine's producers
+(``kafka.producer_config``); the rest go to its consumers (``kafka.consumer_config``)."""
+
+
+def split_client_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config`` as (consumer properties, producer properties), by :data:`PRODUCER_KEYS`:
+    given to every client, a producer key makes each consumer log a CONFWARN."""
+    consumer = {k: v for k, v in config.items() if k not in PRODUCER_KEYS}
+    producer = {k: v for k, v in config.items() if k in PRODUCER_KEYS}
+    return consumer, producer
+
 TARGETS = {
     ("5k", "p50"): "≤ 15 ms",
     ("5k", "p99"): "≤ 50 ms",
@@ -346,8 +360,11 @@ class EngineProcess:
         env = {**os.environ, **(env or {})}
         for fld, name in topics.items():
             env[f"TOUCHSTREAM_KAFKA__{fld.upper()}_TOPIC"] = name
-        if kafka_config:
-            env["TOUCHSTREAM_KAFKA__CONFIG"] = json.dumps(kafka_config)
+        consumer, producer = split_client_config(kafka_config or {})
+        if consumer:
+            env["TOUCHSTREAM_KAFKA__CONSUMER_CONFIG"] = json.dumps(consumer)
+        if producer:
+            env["TOUCHSTREAM_KAFKA__PRODUCER_CONFIG"] = json.dumps(producer)
         env.setdefault("PYTHONPATH", str(REPO))
         env["TOUCHSTREAM_RECOVERY__ENABLED"] = "false"  # no snapshots in the cwd; see README
         cmd = [sys.executable, "-m", "flows.cli", "run", "--kafka", brokers, "--redis", redis_url]
@@ -738,7 +755,8 @@ def input_only_run(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
     pacer: Pacer | None = None
     try:
         readers.start(_input_reader, "input", ctx.brokers,
-                      {name: "json" for name in topics.values()}, dict(kafka_config or {}))
+                      {name: "json" for name in topics.values()},
+                      split_client_config(kafka_config or {})[0])
         pacer = Pacer(ctx.brokers, topics, traffic, tag)
         pid = broker_pid(ctx.brokers)
         pacer.run_phase("warmup", phase.rate, plan.warmup_s, measure=False)
@@ -1118,8 +1136,9 @@ def compare_kafka_settings(ctx: BenchContext,
         result.plots.append(plot)
     result.extra["settings"] = settings
     result.extra["runs"] = infos
-    result.notes.append("settings passed to the engine as TOUCHSTREAM_KAFKA__CONFIG "
-                        "(overrides the connector defaults); exp.pushes is read by an "
+    result.notes.append("settings passed to the engine as TOUCHSTREAM_KAFKA__CONSUMER_CONFIG"
+                        " and, for producer keys (linger.ms), __PRODUCER_CONFIG (they "
+                        "override the connector defaults); exp.pushes is read by an "
                         "assign()-ed consumer with fetch.wait.max.ms=5; 'input only' = the "
                         "same traffic read by the engine's KafkaInput alone (no engine), "
                         "latency to the event's arrival (every event, not only pushes)")

@@ -627,17 +627,22 @@ class KafkaInput(FixedPartitionedSource[RawRecord, int]):
         (Tansu would otherwise create it, with its default partition count, on the
         metadata request).
         """
-        config = {"allow.auto.create.topics": False, **_base_config(self.brokers, self.config)}
-        admin = AdminClient(config)
-        parts: list[str] = []
-        for topic in self.topics:
-            md = admin.list_topics(topic, timeout=self.metadata_timeout_s)
-            tmd = md.topics.get(topic)
-            if tmd is None or tmd.error is not None:
-                why = "not found" if tmd is None else str(tmd.error)
-                raise KafkaConsumeError(f"cannot list partitions of Kafka topic {topic!r}: {why}")
-            parts.extend(f"{topic}/{p}" for p in sorted(tmd.partitions))
-        return parts
+        # A consumer, not an AdminClient: librdkafka makes an admin client a producer,
+        # which would log a CONFWARN for every consumer-only property of the config.
+        meta = Consumer({**self.consumer_config(), "allow.auto.create.topics": False})
+        try:
+            parts: list[str] = []
+            for topic in self.topics:
+                md = meta.list_topics(topic, timeout=self.metadata_timeout_s)
+                tmd = md.topics.get(topic)
+                if tmd is None or tmd.error is not None:
+                    why = "not found" if tmd is None else str(tmd.error)
+                    raise KafkaConsumeError(
+                        f"cannot list partitions of Kafka topic {topic!r}: {why}")
+                parts.extend(f"{topic}/{p}" for p in sorted(tmd.partitions))
+            return parts
+        finally:
+            meta.close()
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         """Open one partition at ``resume_state`` (the next offset), else beginning/end."""

@@ -258,7 +258,7 @@ def cmd_rules_publish(args: argparse.Namespace) -> int:
     ch = _rules_change(args)
     if settings.kafka.brokers and args.kafka:
         publish_kafka(settings.kafka.brokers, ch, settings.kafka.rules_topic,
-                      dict(settings.kafka.config))
+                      settings.kafka.for_producers())
         where = f"Kafka {settings.kafka.rules_topic}"
     else:
         if ch.op != "replace":
@@ -303,7 +303,8 @@ def cmd_rules_show(args: argparse.Namespace) -> int:
         where = f"Redis {settings.redis.rules_key}"
     elif args.kafka and settings.kafka.brokers:
         active, statuses = read_kafka_rules(settings.kafka.brokers, active,
-                                            settings.kafka.rules_topic, dict(settings.kafka.config))
+                                            settings.kafka.rules_topic,
+                                            settings.kafka.for_consumers())
         where = f"Kafka {settings.kafka.rules_topic} ({len(statuses)} change(s) read)"
     if args.json:
         print(dumps_doc(active.doc))

@@ -111,7 +111,7 @@ def control_source(settings: Settings, latch: InputEnd,
         backends.append(RedisRules(factory, settings.redis.rules_key, settings.redis.rules_channel))
     if settings.kafka.brokers:
         backends.append(KafkaRules(settings.kafka.brokers, settings.kafka.rules_topic,
-                                   dict(settings.kafka.config)))
+                                   settings.kafka.for_consumers()))
     if not backends:
         return None
     return ControlSource(load_rules_doc(settings), backends, until=latch, on_accept=on_accept)
@@ -340,7 +340,7 @@ def kafka_input(settings: Settings) -> KafkaInput:
     k = settings.kafka
     if not k.brokers:
         raise ValueError("kafka.brokers is not set")
-    return KafkaInput(k.brokers, kafka_input_topics(settings), dict(k.config),
+    return KafkaInput(k.brokers, kafka_input_topics(settings), k.for_consumers(),
                       tail=k.start == "latest", eof_when_idle_s=k.eof_when_idle_s,
                       on_out_of_range=k.on_out_of_range,
                       poll_timeout_s=k.poll_rest_ms / 1000,
@@ -436,7 +436,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     source: Source[RawRecord]
     if k.brokers:
         source = kafka_input(settings)
-        out = KafkaOutput(k.brokers, dict(k.config))
+        out = KafkaOutput(k.brokers, k.for_producers())
         outputs.pushes.append(MappedSink(out, push_message(k.pushes_topic)))
         outputs.alerts.append(MappedSink(out, alert_message(k.alerts_topic)))
         outputs.dead_letters.append(MappedSink(out, dead_letter_message(k.dead_letters_topic)))
@@ -454,7 +454,7 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
     if targets:
         dlq: DeadLetterHandler
         if k.brokers:
-            dlq = KafkaAlertDeadLetters(k.brokers, k.alerts_dlq_topic, dict(k.config))
+            dlq = KafkaAlertDeadLetters(k.brokers, k.alerts_dlq_topic, k.for_producers())
         else:
             dlq = JsonlDeadLetterFile(settings.alerts_dlq_file)
         if recovery is not None:

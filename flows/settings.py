@@ -187,8 +187,32 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     config: dict[str, str | int | float | bool] = Field(
         default_factory=dict, repr=False,
-        description="passed to librdkafka untouched (SASL, SSL, ...); never shown in a repr",
+        description="passed to every librdkafka client untouched (SASL, SSL, ...); never "
+        "shown in a repr",
     )
+    consumer_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, repr=False,
+        description="passed to the consumers only (the event input, the rule reader), over "
+        "config: fetch.wait.max.ms, fetch.queue.backoff.ms, ...; never shown in a repr",
+    )
+    producer_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, repr=False,
+        description="passed to the producers only (the outputs, the alert dead letters, the "
+        "rule publisher), over config: linger.ms, compression.type, ...; never shown in a repr",
+    )
+
+    def for_consumers(self) -> dict[str, str | int | float | bool]:
+        """The librdkafka properties a consumer gets: ``config``, then ``consumer_config``.
+
+        A producer-only property (``linger.ms``) in ``config`` reaches consumers too, and
+        librdkafka logs a ``CONFWARN`` for it at every start: put it in
+        ``producer_config`` instead.
+        """
+        return {**self.config, **self.consumer_config}
+
+    def for_producers(self) -> dict[str, str | int | float | bool]:
+        """The librdkafka properties a producer gets: ``config``, then ``producer_config``."""
+        return {**self.config, **self.producer_config}
 
 
 class RedisSettings(BaseModel):

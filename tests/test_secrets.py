@@ -147,10 +147,11 @@ def test_engine_validation_errors_do_not_echo_secrets() -> None:
     assert secret not in str(exc.value)
 
 
-def test_kafka_secrets_not_in_the_settings_repr() -> None:
+@pytest.mark.parametrize("field", ["config", "consumer_config", "producer_config"])
+def test_kafka_secrets_not_in_the_settings_repr(field: str) -> None:
     pw = secrets.token_urlsafe(12)
-    s = Settings(kafka={"brokers": "b:9092", "config": {"sasl.password": pw}})
-    assert pw not in repr(s)
+    s = Settings(kafka={"brokers": "b:9092", field: {"sasl.password": pw}})
+    assert pw not in repr(s) and pw not in repr(s.kafka)
 
 
 # --- no secret on the command line -----------------------------------------------------------

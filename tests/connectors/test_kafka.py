@@ -776,3 +776,52 @@ def test_mask_config_hides_secrets() -> None:
         "client.secret": "***",
         "linger.ms": 1,
     }
+
+
+def test_consumer_and_producer_config_reach_only_their_clients() -> None:
+    s = load_settings(kafka={
+        "brokers": "b:9092", "config": {"client.id": "ts", "linger.ms": 9},
+        "consumer_config": {"fetch.wait.max.ms": 100},
+        "producer_config": {"linger.ms": 20, "compression.type": "lz4"},
+    })
+    assert s.kafka.for_consumers() == {"client.id": "ts", "linger.ms": 9,
+                                       "fetch.wait.max.ms": 100}
+    assert s.kafka.for_producers() == {"client.id": "ts", "linger.ms": 20,
+                                       "compression.type": "lz4"}
+    consumer = kafka_input(s).consumer_config()
+    assert consumer["fetch.wait.max.ms"] == 100 and consumer["client.id"] == "ts"
+    assert "compression.type" not in consumer
+
+
+def _live_clients_stderr(tansu: str, capfd: pytest.CaptureFixture[str],
+                         **kafka: dict[str, Any]) -> str:
+    """Run the live flow on topics of its own until its input is idle; librdkafka's
+    own log lines (written to fd 2) of every client it made."""
+    from connectors.kafka import create_topics
+    from flows.runner import all_topics, run_live
+
+    tag = uuid.uuid4().hex[:8]
+    names = ("clicks", "location", "calls", "pushes", "alerts", "alerts_dlq",
+             "dead_letters", "stats", "rules", "rules_status")
+    topics = {f"{n}_topic": f"cfg-{tag}.{n}" for n in names}
+    settings = load_settings(mode="live", kafka={"brokers": tansu, "eof_when_idle_s": 1.0,
+                                                  **topics, **kafka},
+                             recovery={"enabled": False})
+    create_topics(tansu, all_topics(settings))
+    capfd.readouterr()
+    run_live(settings, handle_signals=False)
+    return capfd.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_producer_key_in_producer_config_warns_no_consumer(
+    tansu: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # in the shared config, each consumer librdkafka makes warns about linger.ms ...
+    shared = _live_clients_stderr(tansu, capfd, config={"linger.ms": 3})
+    assert "CONFWARN" in shared and "is a producer property" in shared
+    # ... in producer_config (and a consumer key in consumer_config) nothing does
+    split = _live_clients_stderr(tansu, capfd, producer_config={"linger.ms": 3},
+                                 consumer_config={"fetch.wait.max.ms": 50})
+    assert "CONFWARN" not in split
+
