@@ -64,7 +64,12 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it untyped
 from prometheus_client import Gauge
 
-from flows.metrics import KAFKA_CLIENT_ERRORS, KAFKA_CONSUMER_LAG, KAFKA_OFFSET_RESETS
+from flows.metrics import (
+    KAFKA_CLIENT_ERRORS,
+    KAFKA_CONSUMER_LAG,
+    KAFKA_OFFSET_RESETS,
+    KAFKA_OUTPUT_DUPLICATE_ACKS,
+)
 from flows.model import Format, RawRecord, raw_record
 
 __all__ = [
@@ -715,6 +720,10 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
         self.delivered = 0
         self.failed = 0
         self.buffer_waits = 0
+        self.duplicate_acks = 0
+        # With acks=0 no delivery report carries an offset: nothing to tell apart.
+        self._offsets_expected = str(config.get("acks", config.get("request.required.acks",
+                                                                   "all"))) != "0"
         self._new_failures: list[tuple[str, str]] = []
         self._new_failure_count = 0
 
@@ -732,8 +741,28 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
+            offset = msg.offset()
+            if self._offsets_expected and (offset is None or offset < 0):
+                self._duplicate_ack(str(msg.topic()), msg.partition())
             return
         self._fail(str(msg.topic()), str(err))
+
+    def _duplicate_ack(self, topic: str, partition: int | None) -> None:
+        """A delivered batch without offsets: the broker answered a retry with
+        DUPLICATE_SEQUENCE_NUMBER, which librdkafka counts as delivered ("offset and
+        timestamp will be invalid"); only the batch's first message reports offset -1.
+
+        On a broker that keeps what it acknowledged this is harmless (the first attempt
+        was written, its answer lost). Tansu 0.6.0 on S3 storage records a producer's
+        sequence before it writes the batch, so one killed in between answers the
+        retry so and the batch is gone (``tests/faults/test_broker_restart.py``).
+        Nothing can be re-sent safely from here, so it is logged and counted.
+        """
+        self.duplicate_acks += 1
+        KAFKA_OUTPUT_DUPLICATE_ACKS.labels(topic).inc()
+        log.warning("kafka output: the broker acknowledged a batch to %s [%s] as a duplicate "
+                    "of an earlier write (no offsets given): delivered if the broker kept that "
+                    "write, lost if it did not", topic, partition)
 
     def _fail(self, topic: str, error: str) -> None:
         self.failed += 1

@@ -38,6 +38,7 @@ __all__ = [
     "KAFKA_CLIENT_ERRORS",
     "KAFKA_CONSUMER_LAG",
     "KAFKA_OFFSET_RESETS",
+    "KAFKA_OUTPUT_DUPLICATE_ACKS",
     "LATENCY_BUCKETS_S",
     "OPS_FEED_DROPPED",
     "PROFILE_DEGRADED_READS",
@@ -206,6 +207,14 @@ KAFKA_CLIENT_ERRORS = Counter(
     "error name (e.g. _TRANSPORT, _ALL_BROKERS_DOWN while a broker is down; librdkafka "
     "retries those by itself)",
     ["client", "error"],
+)
+KAFKA_OUTPUT_DUPLICATE_ACKS = Counter(
+    "touchstream_kafka_output_duplicate_acks",
+    "Batches of the Kafka output the broker acknowledged as duplicates of an earlier write "
+    "(librdkafka: DUPLICATE_SEQUENCE_NUMBER to a retry, counted as delivered, without "
+    "offsets), by topic. Normal after a lost answer on a broker that kept the batch; Tansu "
+    "0.6.0 on S3 storage killed mid-write answers so without having kept it",
+    ["topic"],
 )
 KAFKA_OFFSET_RESETS = Counter(
     "touchstream_kafka_offset_resets",

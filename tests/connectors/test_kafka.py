@@ -825,3 +825,44 @@ def test_a_producer_key_in_producer_config_warns_no_consumer(
                                  consumer_config={"fetch.wait.max.ms": 50})
     assert "CONFWARN" not in split
 
+
+class _Delivered:
+    """What a delivery report's message answers: topic, partition and offset."""
+
+    def __init__(self, offset: int | None) -> None:
+        self._offset = offset
+
+    def topic(self) -> str:
+        return "dup-acks"
+
+    def partition(self) -> int:
+        return 2
+
+    def offset(self) -> int | None:
+        return self._offset
+
+
+def test_a_batch_acknowledged_without_offsets_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # librdkafka counts a DUPLICATE_SEQUENCE_NUMBER answer to a retried batch as
+    # delivered, its first message with offset -1 (None here): seen from Tansu on S3
+    # storage after a SIGKILL (tests/faults/test_broker_restart.py)
+    def count() -> float:
+        return REGISTRY.get_sample_value("touchstream_kafka_output_duplicate_acks_total",
+                                         {"topic": "dup-acks"}) or 0.0
+
+    part = KafkaOutput("127.0.0.1:1").build("out", 0, 1)
+    before = count()
+    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
+        for offset in (None, 0, 1, 7):
+            part._on_delivery(None, _Delivered(offset))  # type: ignore[arg-type]
+    assert (part.delivered, part.duplicate_acks, count() - before) == (4, 1, 1)
+    assert "dup-acks [2] as a duplicate" in caplog.text
+    part.close()
+    # with acks=0 no report carries an offset: nothing to count
+    quiet = KafkaOutput("127.0.0.1:1", {"acks": 0, "enable.idempotence": False}).build(
+        "out", 0, 1)
+    quiet._on_delivery(None, _Delivered(None))  # type: ignore[arg-type]
+    assert (quiet.delivered, quiet.duplicate_acks, count() - before) == (1, 0, 1)
+    quiet.close()

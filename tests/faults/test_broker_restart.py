@@ -19,6 +19,13 @@ Broker variants:
 * **pause on memory storage** (always runs): the broker process is frozen (SIGSTOP) and
   thawed (SIGCONT), so it is unreachable for a few seconds and keeps its data.
 
+A known broker fault is told apart, not hidden: Tansu 0.6.0 on S3 storage, killed between
+recording a producer's sequence and writing its batch, answers the retry as a duplicate
+(librdkafka counts it delivered, without offsets) and loses the batch. The engine counts
+such answers (``touchstream_kafka_output_duplicate_acks``); when Kafka copies are missing
+and that counter moved, the test is an expected failure naming the count, and otherwise
+a failure. The Redis copies are checked in full either way.
+
 Not covered here: a memory-storage broker restarted from empty. Its topics come back
 with new topic ids, and librdkafka 2.12.1 (confluent-kafka 2.12.2) was seen to crash
 (SIGSEGV in its metadata cache) when a live client met that; see also
@@ -97,6 +104,7 @@ class Outcome:
     down_s: float = 0.0
     redis_pushes: dict[str, list[str]] = field(default_factory=dict)  # customer -> push ids
     kafka_push_ids: list[str] = field(default_factory=list)
+    duplicate_acks: float = 0.0  # exp.pushes batches the broker acknowledged as duplicates
 
 
 def _port_open(port: int) -> bool:
@@ -345,6 +353,11 @@ def _engine_counts() -> str:
     return "; ".join(parts)
 
 
+def _duplicate_acks(topic: str) -> float:
+    return REGISTRY.get_sample_value("touchstream_kafka_output_duplicate_acks_total",
+                                     {"topic": topic}) or 0.0
+
+
 def _client_errors(client: str) -> float:
     return sum(
         s.value for metric in REGISTRY.collect()
@@ -371,6 +384,7 @@ def _run_outage(brokers: str, redis_url: str, tmp_path: Path,
     total = 3 * PER_PHASE
     _load_profiles(redis_url, tmp_path, total)
     out = Outcome(sent=total)
+    duplicate_acks_before = _duplicate_acks(settings.kafka.pushes_topic)
     engine = LiveEngine(settings)
     feeder = Feeder(brokers, settings.kafka.clicks_topic)
     engine.start()
@@ -399,6 +413,7 @@ def _run_outage(brokers: str, redis_url: str, tmp_path: Path,
         time.sleep(2.0)  # room for a late duplicate to show up
     finally:
         engine.finish()
+    out.duplicate_acks = _duplicate_acks(settings.kafka.pushes_topic) - duplicate_acks_before
     out.redis_pushes = _redis_pushes(redis_url)
     out.kafka_push_ids = _topic_push_ids(brokers, settings.kafka.pushes_topic,
                                          topics[settings.kafka.pushes_topic], total)
@@ -416,12 +431,23 @@ def _check(out: Outcome, variant: str) -> None:
     print(f"\n[broker fault: {variant}] events sent {out.sent}, broker away {out.down_s:.1f}s, "
           f"pushes expected {len(expected)}, in Redis {len(set(redis_ids))} "
           f"(lost {len(lost)}, repeated {repeated_redis}), on exp.pushes "
-          f"{len(kafka_counts)} (repeated {repeated_kafka})")
+          f"{len(kafka_counts)} (repeated {repeated_kafka}), batches acknowledged as "
+          f"duplicates {out.duplicate_acks:g}")
     assert lost == []
     assert set(out.redis_pushes) == expected
     assert repeated_redis == 0
-    assert set(kafka_counts) == set(redis_ids)
     assert repeated_kafka == 0, [p for p, n in kafka_counts.items() if n > 1]
+    assert set(kafka_counts) <= set(redis_ids)
+    missing_kafka = set(redis_ids) - set(kafka_counts)
+    if missing_kafka and out.duplicate_acks > 0:
+        # Tansu 0.6.0 on S3 storage writes a producer's new sequence (meta.json) before
+        # the watermark and the batch: killed in between, it answers the retry with
+        # DUPLICATE_SEQUENCE_NUMBER (librdkafka: delivered, offsets invalid) and writes
+        # the next batch at the lost batch's offset. The engine was told "delivered" and
+        # counted it; the Redis copies, which terminals read, are all there.
+        pytest.xfail(f"the broker lost {len(missing_kafka)} Kafka copies it had "
+                     f"acknowledged as duplicates ({out.duplicate_acks:g} batch(es))")
+    assert missing_kafka == set(), f"{len(missing_kafka)} Kafka copies missing"
 
 
 # --- the tests --------------------------------------------------------------------------
