@@ -754,8 +754,8 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
 
         On a broker that keeps what it acknowledged this is harmless (the first attempt
         was written, its answer lost). Tansu 0.6.0 on S3 storage records a producer's
-        sequence before it writes the batch, so one killed in between answers the
-        retry so and the batch is gone (``tests/faults/test_broker_restart.py``).
+        sequence before it writes the batch: killed in between, it answers the retry
+        this way and the batch is gone (``tests/faults/test_broker_restart.py``).
         Nothing can be re-sent safely from here, so it is logged and counted.
         """
         self.duplicate_acks += 1
