@@ -206,6 +206,18 @@ def split_client_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     producer = {k: v for k, v in config.items() if k in PRODUCER_KEYS}
     return consumer, producer
 
+
+def kafka_config_env(config: Mapping[str, Any]) -> dict[str, str]:
+    """The engine's environment for a settings set: ``TOUCHSTREAM_KAFKA__CONSUMER_CONFIG``
+    and ``__PRODUCER_CONFIG``, each only when it has a property."""
+    consumer, producer = split_client_config(config)
+    env = {}
+    if consumer:
+        env["TOUCHSTREAM_KAFKA__CONSUMER_CONFIG"] = json.dumps(consumer)
+    if producer:
+        env["TOUCHSTREAM_KAFKA__PRODUCER_CONFIG"] = json.dumps(producer)
+    return env
+
 TARGETS = {
     ("5k", "p50"): "≤ 15 ms",
     ("5k", "p99"): "≤ 50 ms",
@@ -360,11 +372,7 @@ class EngineProcess:
         env = {**os.environ, **(env or {})}
         for fld, name in topics.items():
             env[f"TOUCHSTREAM_KAFKA__{fld.upper()}_TOPIC"] = name
-        consumer, producer = split_client_config(kafka_config or {})
-        if consumer:
-            env["TOUCHSTREAM_KAFKA__CONSUMER_CONFIG"] = json.dumps(consumer)
-        if producer:
-            env["TOUCHSTREAM_KAFKA__PRODUCER_CONFIG"] = json.dumps(producer)
+        env.update(kafka_config_env(kafka_config or {}))
         env.setdefault("PYTHONPATH", str(REPO))
         env["TOUCHSTREAM_RECOVERY__ENABLED"] = "false"  # no snapshots in the cwd; see README
         cmd = [sys.executable, "-m", "flows.cli", "run", "--kafka", brokers, "--redis", redis_url]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from bench.core import BenchContext, free_path
 from bench.services import redis_db_url
 
@@ -54,3 +56,20 @@ def test_run_count_is_one_in_quick_mode_and_at_least_one_otherwise(tmp_path: Pat
     assert replace(quick, runs=5).run_count == 1
     full = replace(quick, quick=False)
     assert [replace(full, runs=n).run_count for n in (0, 1, 3)] == [1, 1, 3]
+
+
+def test_a_latency_settings_set_reaches_the_engine_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # what bench.latency's EngineProcess puts in the engine's environment, as the
+    # engine's settings read it: linger.ms to the producers only, the rest to consumers
+    from bench.latency import KAFKA_SETTINGS, kafka_config_env
+    from flows.settings import load_settings
+
+    for name, value in kafka_config_env(KAFKA_SETTINGS["100/100/5"]).items():
+        monkeypatch.setenv(name, value)
+    k = load_settings().kafka
+    assert k.consumer_config == {"fetch.wait.max.ms": 100, "fetch.queue.backoff.ms": 100}
+    assert k.producer_config == {"linger.ms": 5}
+    assert k.config == {}
+    assert kafka_config_env({}) == {}
