@@ -9,12 +9,17 @@ sources alike.
 
 Two fixed-partitioned sources read as one (:func:`with_partitions_of`), so that a
 dataflow has one input step where it would have two (see there why that matters).
+
+:class:`EpochGrid`: hooks that keep the workers of a multi-worker dataflow from
+drifting apart epoch by epoch (see there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from bytewax.inputs import (
@@ -25,7 +30,7 @@ from bytewax.inputs import (
     StatelessSourcePartition,
 )
 
-__all__ = ["PartitionHooks", "with_partitions_of", "wrap_source"]
+__all__ = ["EpochGrid", "PartitionHooks", "with_partitions_of", "wrap_source"]
 
 X = TypeVar("X")
 S = TypeVar("S")
@@ -173,3 +178,89 @@ def with_partitions_of(main: Source[X], extra: Source[Any], prefix: str) -> Sour
         raise TypeError("with_partitions_of joins fixed-partitioned sources; got "
                         f"{type(main).__name__} and {type(extra).__name__}")
     return _Joined(main, extra, prefix)
+
+
+_SOON = 0.001
+"""How soon :class:`EpochGrid` has a partition polled again just after an epoch end (s)."""
+
+
+class EpochGrid:
+    """Partition hooks that end each worker's epochs on a fixed schedule.
+
+    Why: Bytewax 0.21.1 (``src/inputs.rs``, ``partitioned_input``) ends an input
+    partition's epoch at the first activation of its step at least ``epoch_interval``
+    after that epoch started, and starts the next epoch then. So every epoch lasts the
+    interval plus however late that activation came (up to a partition's rest between
+    polls), and each worker runs its own step with its own lateness. An input reads the
+    next epoch only once every output of every worker has finished the previous one, so
+    the worker ahead waits at each epoch end for the one behind, and the gap between
+    them is a sum of lateness differences that nothing pulls back: it grows with the
+    dataflow's age until the worker ahead reads about once per epoch, spinning between
+    (2 workers with nothing to read, 10 ms rests, 1 s epochs: the longest pause between
+    two reads went from 37 to 292 ms in 10 minutes, and the CPU from 0.08 to 0.31
+    cores; ``bench/README.md``, "Workers of one dataflow drift apart").
+
+    How: each worker's epochs end on a grid of its own, every ``epoch`` from the moment
+    its partitions were first asked when to wake (when Bytewax started their first
+    epoch). Bytewax is given the interval ``epoch - quiet / 2``
+    (:attr:`runtime_interval`), and no partition on the worker may be woken in the
+    ``quiet`` before a grid point: a wake-up there is moved to the grid point, and one
+    due just after a grid point is moved back to it. An epoch that started on time
+    reaches its interval inside the quiet window, so it ends at the grid point. One
+    that started late (a long batch, a collection) ends up to ``quiet / 2`` less late at
+    each epoch until it is back on the grid; for ``quiet`` after each grid point the
+    partitions are polled every millisecond, so that a little lateness ends at once.
+    The workers' grids start together (within the time Bytewax takes to start their
+    first epochs), so they stay that close.
+
+    The price is that the input reads nothing in the ``quiet`` before each epoch end: a
+    record that arrives then waits up to ``quiet``. Every partition of the input step
+    must be wrapped with the same hooks (a partition woken in the window would end the
+    epoch early). The clock ``now`` (seconds since the Unix epoch) and ``worker`` (which
+    worker is asking: the OS thread's id) are injected for tests.
+    """
+
+    def __init__(self, epoch: timedelta, quiet: timedelta,
+                 now: Callable[[], float] = time.time,
+                 worker: Callable[[], int] = threading.get_ident) -> None:
+        if quiet <= timedelta(0):
+            raise ValueError("quiet must be positive")
+        if quiet * 2 >= epoch:
+            raise ValueError(f"quiet ({quiet}) must be less than half the epoch ({epoch})")
+        self._epoch = epoch.total_seconds()
+        self._quiet = quiet.total_seconds()
+        self._now = now
+        self._worker = worker
+        # Per worker thread (by OS thread id): when its first epoch began. Not a
+        # threading.local: Bytewax's workers are threads Python did not start, and
+        # data kept in one did not survive from one call into Python to the next.
+        self._origins: dict[int, float] = {}
+        self.runtime_interval = epoch - quiet / 2
+        """The epoch interval to run Bytewax with."""
+
+    def built(self) -> None:
+        pass
+
+    def before_batch(self) -> None:
+        pass
+
+    def ended(self) -> None:
+        pass
+
+    def awake(self, at: datetime | None) -> datetime | None:
+        """``at``, unless it falls in the ``quiet`` before one of this worker's epoch
+        ends or just after one: then that epoch end."""
+        now = self._now()
+        # the first ask on this worker is when Bytewax starts its first epoch
+        origin = self._origins.setdefault(self._worker(), now)
+        t = now if at is None else max(at.timestamp(), now)
+        end = origin + round((t - origin) / self._epoch) * self._epoch  # the nearest one
+        if end > now:
+            if end - self._quiet <= t < end + self._quiet:
+                return datetime.fromtimestamp(end, UTC)
+            return at
+        if now < end + self._quiet and t > now + _SOON:
+            # Just after an epoch end: poll often, so that an epoch that began late ends
+            # as soon as Bytewax lets it (else it can stay a rest late for good).
+            return datetime.fromtimestamp(now + _SOON, UTC)
+        return at

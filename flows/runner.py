@@ -20,6 +20,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main, run_main
 from confluent_kafka import Producer
 
+from connectors import wrapped
 from connectors.console import ConsoleView
 from connectors.demo import DemoSource, demo_profiles
 from connectors.files import (
@@ -51,6 +52,7 @@ from connectors.webhook import (
     WebhookOutput,
     dead_letter_record,
 )
+from connectors.wrapped import EpochGrid
 from flows.codec import json_dumps
 from flows.control import ActiveRules, RulesStatus, compile_update, parse_rules_text
 from flows.experience import Outputs, build_flow
@@ -377,6 +379,22 @@ def tune_gc(gen0_threshold: int) -> None:
     gc.set_threshold(gen0_threshold, g1, g2)
 
 
+def epoch_grid(settings: Settings, epoch_s: float) -> EpochGrid | None:
+    """What keeps the epochs (``epoch_s`` long) of this run's workers together: None
+    with one worker in all (nothing to drift from) or ``engine.epoch_quiet_ms = 0``.
+
+    :raises ValueError: the quiet window is not less than half the epoch.
+    """
+    es = settings.engine
+    if es.workers * max(1, len(es.addresses)) <= 1 or es.epoch_quiet_ms <= 0:
+        return None
+    epoch, quiet = timedelta(seconds=epoch_s), timedelta(milliseconds=es.epoch_quiet_ms)
+    if quiet * 2 >= epoch:
+        raise ValueError(f"engine.epoch_quiet_ms ({es.epoch_quiet_ms:g}) must be less than "
+                         f"half the epoch ({epoch_s:g} s)")
+    return EpochGrid(epoch, quiet)
+
+
 def run_live(settings: Settings, *, duration_s: float | None = None,
              console: ConsoleView | None = None,
              wrap_source: Callable[[Source[RawRecord]], Source[RawRecord]] | None = None,
@@ -474,16 +492,22 @@ def run_live(settings: Settings, *, duration_s: float | None = None,
         source = wrap_source(source)
     stop = stop if stop is not None else StopRequest()
     latch = InputEnd()
-    control = control_source(settings, latch, on_accept=on_accept)
+    rule_changes = control_source(settings, latch, on_accept=on_accept)
     source = stoppable(end_with_input(source, latch), stop)
+    control = stoppable(rule_changes, stop) if rule_changes is not None else None
+    es = settings.engine
+    # With recovery, the epoch is the snapshot interval (Bytewax snapshots at epoch ends).
+    epoch_s = settings.recovery.snapshot_interval_s if recovery is not None else es.epoch_interval_s
+    grid = epoch_grid(settings, epoch_s)
+    if grid is not None:  # outermost: its wake-up times are the ones Bytewax sees
+        source = wrapped.wrap_source(source, grid)
+        control = wrapped.wrap_source(control, grid) if control is not None else None
+        epoch_s = grid.runtime_interval.total_seconds()
     # campaign quotas: in Redis, shared by every process; else by this process's workers
     quota: QuotaStore | None = RedisQuotaStore(redis_client) if redis_client is not None else None
     flow = build_flow(settings, source=source, outputs=outputs, rules=rules, profiles=profiles,
                       recovery=recovery is not None, quota=quota,
-                      control=stoppable(control, stop) if control is not None else None)
-    es = settings.engine
-    # With recovery, the epoch is the snapshot interval (Bytewax snapshots at epoch ends).
-    epoch_s = settings.recovery.snapshot_interval_s if recovery is not None else es.epoch_interval_s
+                      control=control)
     tune_gc(es.gc_threshold)
     metrics_server: MetricsServer | None = None
     try:

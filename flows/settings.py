@@ -81,6 +81,12 @@ class EngineSettings(BaseModel):
     )
     epoch_interval_s: float = Field(1.0, gt=0, description="Bytewax epoch length")
     workers: int = Field(1, ge=1, le=64, description="worker threads in this process")
+    epoch_quiet_ms: float = Field(
+        20.0, ge=0,
+        description="with more than one worker in all: the input pauses this long before "
+        "each epoch end, so that every worker's epochs end on its own fixed schedule "
+        "instead of drifting apart (connectors.wrapped.EpochGrid); 0 = off",
+    )
     max_message_bytes: int = Field(65_536, ge=256)
     max_attrs_bytes: int = Field(4_096, ge=0)
     gc_threshold: int = Field(

@@ -1,7 +1,10 @@
-"""connectors.wrapped.with_partitions_of: two fixed-partitioned sources read as one."""
+"""connectors.wrapped: two fixed-partitioned sources read as one; the epoch grid."""
 
 from __future__ import annotations
 
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -15,7 +18,7 @@ from bytewax.inputs import (
 )
 from bytewax.testing import TestingSink, cluster_main
 
-from connectors.wrapped import with_partitions_of
+from connectors.wrapped import EpochGrid, with_partitions_of
 
 
 class _Part(StatefulSourcePartition[str, int]):
@@ -86,3 +89,127 @@ class _Dyn(DynamicSource[str]):
 def test_only_fixed_partitioned_sources_can_be_joined() -> None:
     with pytest.raises(TypeError, match="fixed-partitioned"):
         with_partitions_of(_Dyn(), _Source({}), "control:")
+
+
+# --- EpochGrid ------------------------------------------------------------------------
+
+
+def _grid(quiet_ms: float = 20.0) -> tuple[EpochGrid, list[float], list[int]]:
+    clock, worker = [1000.0], [1]
+    grid = EpochGrid(timedelta(seconds=1), timedelta(milliseconds=quiet_ms),
+                     now=lambda: clock[0], worker=lambda: worker[0])
+    return grid, clock, worker
+
+
+def _at(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def test_the_runtime_interval_is_the_epoch_less_half_the_quiet_window() -> None:
+    grid, _, _ = _grid(20)
+    assert grid.runtime_interval == timedelta(milliseconds=990)
+
+
+@pytest.mark.parametrize("quiet_ms", [0, -1, 500, 600])
+def test_a_quiet_window_must_be_positive_and_under_half_the_epoch(quiet_ms: float) -> None:
+    with pytest.raises(ValueError, match="quiet"):
+        EpochGrid(timedelta(seconds=1), timedelta(milliseconds=quiet_ms))
+
+
+def test_wake_ups_near_an_epoch_end_move_to_it_and_others_stay() -> None:
+    grid, clock, _ = _grid(20)
+    assert grid.awake(None) is None  # the first ask: this worker's first epoch starts now
+    clock[0] = 1000.5
+    assert grid.awake(_at(1000.9)) == _at(1000.9)  # before the window
+    assert grid.awake(_at(1000.979)) == _at(1000.979)
+    assert grid.awake(_at(1000.985)) == _at(1001.0)  # in the quiet window: to the end
+    assert grid.awake(_at(1001.01)) == _at(1001.0)  # just after it: back to the end
+    assert grid.awake(_at(1001.03)) == _at(1001.03)
+    assert grid.awake(_at(1002.995)) == _at(1003.0)  # a later epoch's end alike
+    assert grid.awake(None) is None  # "at once", well before the window
+    clock[0] = 1000.99
+    assert grid.awake(None) == _at(1001.0)  # "at once" inside the window waits
+    assert grid.awake(_at(1000.2)) == _at(1001.0)  # so does a time already past
+    clock[0] = 1001.005  # the end has passed: nothing is moved back to it (no spinning),
+    assert grid.awake(None) is None
+    assert grid.awake(_at(1001.0055)) == _at(1001.0055)
+    assert grid.awake(_at(1001.015)) == _at(1001.006)  # but polled every ms for a while
+    clock[0] = 1001.021
+    assert grid.awake(_at(1001.031)) == _at(1001.031)
+
+
+def test_each_worker_keeps_its_own_schedule() -> None:
+    grid, clock, worker = _grid(20)
+    grid.awake(None)  # worker 1 starts at 1000.0
+    clock[0], worker[0] = 1000.3, 2
+    grid.awake(None)  # worker 2 at 1000.3
+    clock[0] = 1000.5
+    assert grid.awake(_at(1001.29)) == _at(1001.3)
+    worker[0] = 1
+    assert grid.awake(_at(1001.29)) == _at(1001.29)
+    assert grid.awake(_at(1000.99)) == _at(1001.0)
+
+
+def _epoch_ends(quiet_ms: float, epochs: int, late: dict[int, float],
+                seed: int = 3) -> list[float]:
+    """One worker's input step as Bytewax 0.21.1 runs it (``src/inputs.rs``,
+    ``partitioned_input``), one partition resting 10 ms between polls, wrapped in an
+    :class:`EpochGrid` (1 s epochs): each activation comes up to 0.5 ms after the
+    partition's wake-up time, and ends the epoch if the runtime interval has passed
+    since the epoch started (then the next one starts). In epoch ``k`` of ``late``, the
+    activation that would end it comes ``late[k]`` s late (a long batch before it).
+    Returns how far after its grid point (``k`` s after the start) each epoch ended."""
+    rng = random.Random(seed)
+    clock = [0.0]
+    grid = EpochGrid(timedelta(seconds=1), timedelta(milliseconds=quiet_ms),
+                     now=lambda: clock[0], worker=lambda: 1)
+    interval = grid.runtime_interval.total_seconds()
+
+    def ask(at: float | None) -> float:
+        got = grid.awake(None if at is None else _at(at))
+        return clock[0] if got is None else got.timestamp()
+
+    epoch, started, ends = 0, 0.0, []
+    awake = ask(None)
+    stalled = set()
+    while epoch < epochs:
+        t = max(awake, clock[0]) + rng.uniform(0.0, 0.0005)
+        if epoch in late and epoch not in stalled and t - started >= interval:
+            stalled.add(epoch)
+            t += late[epoch]
+        clock[0] = t
+        awake = ask(t + 0.010)
+        if t - started >= interval:
+            epoch += 1
+            started = t
+            ends.append(t - epoch)
+    return ends
+
+
+def test_a_model_worker_ends_its_epochs_on_its_grid_and_returns_to_it_when_late() -> None:
+    ends = _epoch_ends(20, 120, late={20: 0.2, 90: 0.016})
+    on_time = lambda e: 0 <= e < 0.001  # noqa: E731  at the grid point (+ the jitter)
+    assert all(on_time(e) for e in ends[:20]), ends[:20]
+    # 200 ms late: each later epoch ends less late (by up to half the quiet window, 10 ms;
+    # here, resting 10 ms between polls, about 3 ms) until it is on time again, and stays
+    assert 0.2 <= ends[20] < 0.201, ends[20]
+    back = next((k for k in range(21, 90) if on_time(ends[k])), None)
+    assert back is not None, ends[20:90]
+    assert all(b <= a + 0.0005 for a, b in itertools.pairwise(ends[20:back + 1])), ends[20:back]
+    assert all(on_time(e) for e in ends[back:90]), ends[back:90]
+    # 16 ms late: on time again two epochs later
+    assert 0.016 <= ends[90] < 0.017, ends[90]
+    assert all(on_time(e) for e in ends[92:]), ends[90:]
+
+
+def test_without_the_grid_the_same_model_worker_ends_each_epoch_later() -> None:
+    # What the grid corrects: Bytewax starts the next epoch when it ended, so each
+    # epoch's lateness (up to a rest) adds up.
+    rng = random.Random(3)
+    t, started, ends = 0.0, 0.0, []
+    while len(ends) < 60:
+        t += 0.010 + rng.uniform(0.0, 0.0005)
+        if t - started >= 1.0:
+            started = t
+            ends.append(t - len(ends) - 1)
+    assert ends[-1] > 0.1, ends[-1]
