@@ -1,11 +1,14 @@
 """A bare Bytewax flow with nothing to read, for the input-drift part (``bench/input_drift.py``).
 
 ``python -m bench.bytewax_idle --layout two|one --seconds S --window W [--workers N]
-[--epoch E] [--fast-rest-ms R]``: 9 partitions woken every ``R`` (1) ms, like the
-engine's Kafka partitions before the idle rest, and 1 partition woken every 50 ms, like
-the rule-change input, none of which ever has a record; read by two ``op.input`` steps
-merged (``two``) or by one step (``one``, :func:`connectors.wrapped.with_partitions_of`),
-into a sink that drops everything; ``E`` (1) s epochs, ``N`` (1) workers. Every ``W``
+[--epoch E] [--fast-rest-ms R] [--epoch-quiet-ms Q]``: 9 partitions woken every ``R``
+(1) ms, like the engine's Kafka partitions before the idle rest, and 1 partition woken
+every 50 ms, like the rule-change input, none of which ever has a record; read by two
+``op.input`` steps merged (``two``) or by one step (``one``,
+:func:`connectors.wrapped.with_partitions_of`), into a sink that drops everything; ``E``
+(1) s epochs, ``N`` (1) workers; with ``Q`` > 0, every partition wrapped in a
+:class:`connectors.wrapped.EpochGrid` with that quiet window, as the engine does with
+more than one worker. Every ``W``
 seconds it prints one JSON line: the age, the process's CPU over the window (``/proc``;
 with one worker, its thread is nearly all of it), the longest pause between two reads
 of a fast partition, and the reads per second of those partitions.
@@ -23,11 +26,11 @@ from typing import Any
 import orjson
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.inputs import FixedPartitionedSource, Source, StatefulSourcePartition
 from bytewax.testing import cluster_main
 
 from bench.contenders.bytewax_count import DiscardSink
-from connectors.wrapped import with_partitions_of
+from connectors.wrapped import EpochGrid, with_partitions_of, wrap_source
 
 __all__ = ["build", "main"]
 
@@ -93,10 +96,14 @@ class _Source(FixedPartitionedSource[Any, None]):
 
 
 def build(layout: str, until: float, reads: _Reads,
-          fast_rest: timedelta = FAST_REST) -> Dataflow:
-    """The flow: ``two`` input steps merged, or ``one`` step reading both sources."""
-    fast = _Source([f"events/{i}" for i in range(FAST_PARTS)], fast_rest, until, reads)
-    slow = _Source(["rules"], SLOW_REST, until, None)
+          fast_rest: timedelta = FAST_REST, grid: EpochGrid | None = None) -> Dataflow:
+    """The flow: ``two`` input steps merged, or ``one`` step reading both sources;
+    with ``grid``, every partition wrapped in it."""
+    fast: Source[Any] = _Source([f"events/{i}" for i in range(FAST_PARTS)], fast_rest, until,
+                                reads)
+    slow: Source[Any] = _Source(["rules"], SLOW_REST, until, None)
+    if grid is not None:
+        fast, slow = wrap_source(fast, grid), wrap_source(slow, grid)
     flow = Dataflow("idle")
     if layout == "two":
         s = op.merge("merged", op.input("events_in", flow, fast),
@@ -126,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="epoch interval, s")
     ap.add_argument("--fast-rest-ms", type=float, default=FAST_REST / timedelta(milliseconds=1),
                     help="rest of the 9 fast partitions, ms")
+    ap.add_argument("--epoch-quiet-ms", type=float, default=0.0,
+                    help="> 0: keep the epochs on a grid (connectors.wrapped.EpochGrid)")
     args = ap.parse_args(argv)
+    epoch = timedelta(seconds=args.epoch)
+    grid = (EpochGrid(epoch, timedelta(milliseconds=args.epoch_quiet_ms))
+            if args.epoch_quiet_ms > 0 else None)
     born = time.monotonic()
     reads = _Reads()
     # a half window more, so that the last window is printed before the flow ends
     flow = build(args.layout, born + args.seconds + args.window / 2, reads,
-                 timedelta(milliseconds=args.fast_rest_ms))
+                 timedelta(milliseconds=args.fast_rest_ms), grid)
 
     def watch() -> None:
         last = _process_cpu_s()
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             last = now
 
     threading.Thread(target=watch, daemon=True).start()
-    cluster_main(flow, [], 0, epoch_interval=timedelta(seconds=args.epoch),  # type: ignore[no-untyped-call]
+    interval = grid.runtime_interval if grid is not None else epoch
+    cluster_main(flow, [], 0, epoch_interval=interval,  # type: ignore[no-untyped-call]
                  worker_count_per_proc=args.workers)
     return 0
 
