@@ -1,4 +1,4 @@
-"""Input-drift part: two Bytewax input steps' epochs drift apart; one step does not.
+"""Input-drift part: two Bytewax input steps' epochs drift apart, and so do two workers'.
 
 Bytewax 0.21.1 keeps the epoch of every input partition on its own clock, and lets an
 input step read the next epoch only once every output has finished the previous one.
@@ -19,6 +19,11 @@ Measured, each for ``seconds`` in windows of ``window_s``, with nothing to read:
   default), a sink that drops everything (``bench/bytewax_idle.py``);
 * **bare Bytewax, one input step**: the same partitions read by one step
   (``with_partitions_of``);
+* **bare Bytewax, one step, 2 workers**, with the fast partitions resting 10 ms (the
+  engine's idle rest): each worker runs its own copy of the step, and their epochs drift
+  apart the same way (``bench/README.md``, "Workers of one dataflow drift apart");
+* the same **with an epoch grid** (:class:`connectors.wrapped.EpochGrid`, 20 ms quiet
+  window), as the engine runs with more than one worker;
 * **the engine** (``touchstream run`` on its own Tansu and redis-server, recovery off)
   with ``kafka.idle_rest_ms=1`` (the Kafka partitions rest 1 ms, as before the idle
   rest): its worker thread's CPU per window, and one probe after each window (a
@@ -28,7 +33,8 @@ Per window: CPU from ``/proc`` (the bare flow's whole process, whose one worker 
 is nearly all of it; the engine's worker thread), and for the bare flows the longest
 pause between two reads of a 1 ms partition (the wait at an epoch end).
 
-Not in the default ``make bench`` (3 runs take about 10 min): ``python -m bench
+Not in the default ``make bench`` (3 runs: about 10 min, plus 2 min per run for the two
+2-worker variants): ``python -m bench
 input_drift``; its quick mode is in ``make test`` (``tests/bench/test_input_drift_quick.py``).
 """
 
@@ -51,7 +57,16 @@ from bench.latency import REPO
 __all__ = ["FULL", "LAYOUTS", "QUICK", "DriftTimes", "run"]
 
 PART = "input_drift"
-LAYOUTS = {"bare Bytewax, two input steps": "two", "bare Bytewax, one input step": "one"}
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "bare Bytewax, two input steps": ("--layout", "two"),
+    "bare Bytewax, one input step": ("--layout", "one"),
+    # workers of one dataflow drift apart like two steps; EpochGrid keeps them together
+    "bare Bytewax, one step, 2 workers": ("--layout", "one", "--workers", "2",
+                                          "--fast-rest-ms", "10"),
+    "bare Bytewax, one step, 2 workers, epoch grid": (
+        "--layout", "one", "--workers", "2", "--fast-rest-ms", "10", "--epoch-quiet-ms", "20"),
+}
+"""Each bare variant: its ``bench/bytewax_idle.py`` arguments."""
 ENGINE = "engine worker thread, idle_rest_ms=1"
 ENGINE_ENV = {"TOUCHSTREAM_KAFKA__IDLE_REST_MS": "1"}
 
@@ -68,10 +83,10 @@ FULL = DriftTimes(seconds=60.0, window_s=10.0)
 QUICK = DriftTimes(seconds=6.0, window_s=3.0)
 
 
-def bare(layout: str, times: DriftTimes) -> list[dict[str, float]]:
-    """Run ``bench/bytewax_idle.py`` with ``layout``; its windows."""
+def bare(args: tuple[str, ...], times: DriftTimes) -> list[dict[str, float]]:
+    """Run ``bench/bytewax_idle.py`` with ``args``; its windows."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.bytewax_idle", "--layout", layout,
+        [sys.executable, "-m", "bench.bytewax_idle", *args,
          "--seconds", str(times.seconds), "--window", str(times.window_s)],
         cwd=REPO, capture_output=True, check=True, timeout=times.seconds + 60)
     return [orjson.loads(line) for line in out.stdout.splitlines() if line.startswith(b"{")]
@@ -104,9 +119,8 @@ def _plot(path: Path, runs: list[dict[str, list[dict[str, float]]]]) -> None:
     for i, r in enumerate(runs):
         for label, ws in r.items():
             kw: dict[str, Any] = {"label": label if i == 0 else None, "alpha": 0.8,
-                                  "color": {"bare Bytewax, two input steps": "C3",
-                                            "bare Bytewax, one input step": "C0"}.get(
-                                      label, "C2")}
+                                  "color": dict(zip(LAYOUTS, ("C3", "C0", "C1", "C4"),
+                                                    strict=True)).get(label, "C2")}
             ax1.plot([w["age_s"] for w in ws], [w["cores"] for w in ws],
                      marker="o", **kw)
             if "longest_pause_ms" in ws[0]:
@@ -124,13 +138,13 @@ def _plot(path: Path, runs: list[dict[str, list[dict[str, float]]]]) -> None:
 
 
 def run(ctx: BenchContext) -> PartResult:
-    """``ctx.runs`` runs (quick: 1, short) of the two bare layouts and the engine."""
+    """``ctx.runs`` runs (quick: 1, short) of the bare variants and the engine."""
     times = QUICK if ctx.quick else FULL
     n = ctx.run_count
     result = PartResult(PART)
     runs: list[dict[str, list[dict[str, float]]]] = []
     for i in range(n):
-        r = {label: bare(layout, times) for label, layout in LAYOUTS.items()}
+        r = {label: bare(args, times) for label, args in LAYOUTS.items()}
         r[ENGINE] = engine(ctx.work_dir / f"run{i}", times)
         runs.append(r)
     for r in runs:
@@ -159,5 +173,6 @@ def run(ctx: BenchContext) -> PartResult:
     result.plots.append(plot)
     result.notes.append(
         f"nothing to read; {times.seconds:g} s per variant in windows of {times.window_s:g} s; "
-        "1 s epochs; bare flows: 9 partitions woken every 1 ms and 1 every 50 ms")
+        "1 s epochs; bare flows: 9 partitions woken every 1 ms (10 ms in the 2-worker "
+        "variants, as the engine's idle rest) and 1 every 50 ms")
     return result

@@ -16,6 +16,7 @@ drifting apart epoch by epoch (see there).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,8 @@ from bytewax.inputs import (
 )
 
 __all__ = ["EpochGrid", "PartitionHooks", "with_partitions_of", "wrap_source"]
+
+log = logging.getLogger(__name__)
 
 X = TypeVar("X")
 S = TypeVar("S")
@@ -197,8 +200,9 @@ class EpochGrid:
     them is a sum of lateness differences that nothing pulls back: it grows with the
     dataflow's age until the worker ahead reads about once per epoch, spinning between
     (2 workers with nothing to read, 10 ms rests, 1 s epochs: the longest pause between
-    two reads went from 37 to 292 ms in 10 minutes, and the CPU from 0.08 to 0.31
-    cores; ``bench/README.md``, "Workers of one dataflow drift apart").
+    two reads went from 104 to 527 ms in 10 minutes, and the CPU from 0.10 to 0.52
+    cores; with this grid, 30 ms and 0.06-0.07 cores throughout; ``bench/README.md``,
+    "Workers of one dataflow drift apart").
 
     How: each worker's epochs end on a grid of its own, every ``epoch`` from the moment
     its partitions were first asked when to wake (when Bytewax started their first
@@ -252,7 +256,14 @@ class EpochGrid:
         ends or just after one: then that epoch end."""
         now = self._now()
         # the first ask on this worker is when Bytewax starts its first epoch
-        origin = self._origins.setdefault(self._worker(), now)
+        worker = self._worker()
+        origin = self._origins.get(worker)
+        if origin is None:
+            origin = self._origins[worker] = now
+            log.info("epochs of this worker end every %g s from %s on (nothing is read "
+                     "in the %g ms before each end)", self._epoch,
+                     datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+                     self._quiet * 1000)
         t = now if at is None else max(at.timestamp(), now)
         end = origin + round((t - origin) / self._epoch) * self._epoch  # the nearest one
         if end > now:
