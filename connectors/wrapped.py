@@ -196,13 +196,12 @@ class EpochGrid:
     interval plus however late that activation came (up to a partition's rest between
     polls), and each worker runs its own step with its own lateness. An input reads the
     next epoch only once every output of every worker has finished the previous one, so
-    the worker ahead waits at each epoch end for the one behind, and the gap between
-    them is a sum of lateness differences that nothing pulls back: it grows with the
-    dataflow's age until the worker ahead reads about once per epoch, spinning between
-    (2 workers with nothing to read, 10 ms rests, 1 s epochs: the longest pause between
-    two reads went from 104 to 527 ms in 10 minutes, and the CPU from 0.10 to 0.52
-    cores; with this grid, 30 ms and 0.06-0.07 cores throughout; ``bench/README.md``,
-    "Workers of one dataflow drift apart").
+    the worker ahead waits at each epoch end for the one behind, spinning. Measured, the
+    wait grew with the dataflow's age and did not stop growing (2 workers with nothing
+    to read, 10 ms rests, 1 s epochs: the longest pause between two reads went from 104
+    to 527 ms in 10 minutes, and the CPU from 0.10 to 0.52 cores; with this grid, 30 ms
+    and 0.06-0.07 cores throughout; ``bench/README.md``, "Workers of one dataflow drift
+    apart").
 
     How: each worker's epochs end on a grid of its own, every ``epoch`` from the moment
     its partitions were first asked when to wake (when Bytewax started their first
@@ -252,8 +251,10 @@ class EpochGrid:
         pass
 
     def awake(self, at: datetime | None) -> datetime | None:
-        """``at``, unless it falls in the ``quiet`` before one of this worker's epoch
-        ends or just after one: then that epoch end."""
+        """When to wake the partition instead of ``at`` (None: at once, or after
+        Bytewax's cooldown): the epoch end if ``at`` falls in the ``quiet`` before or
+        after one of this worker's epoch ends; within ``quiet`` after an end that has
+        passed, at most 1 ms from now; else ``at``."""
         now = self._now()
         # the first ask on this worker is when Bytewax starts its first epoch
         worker = self._worker()
