@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +192,12 @@ def run_contender(
     timeout_s: float = 300.0,
     extra_args: Sequence[str] = (),
     profile: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m bench.contenders.<name>`` and return its checked result.
+
+    ``env`` is set in the contender's environment over this process's (settings such as
+    ``TOUCHSTREAM_ENGINE__EPOCH_QUIET_MS``, which the touchstream contender reads).
 
     The process's output goes to ``<result>.log``. The returned dict is the
     contender's result plus ``wall_s`` (the whole process, start-up included).
@@ -220,7 +224,7 @@ def run_contender(
     cmd += list(extra_args)
     if profile is not None:
         cmd = profiled(cmd, profile)
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
     )
