@@ -67,6 +67,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
         "--layout", "one", "--workers", "2", "--fast-rest-ms", "10", "--epoch-quiet-ms", "20"),
 }
 """Each bare variant: its ``bench/bytewax_idle.py`` arguments."""
+_COLORS = dict(zip(LAYOUTS, ("C3", "C0", "C1", "C4"), strict=True))  # the engine: C2
 ENGINE = "engine worker thread, idle_rest_ms=1"
 ENGINE_ENV = {"TOUCHSTREAM_KAFKA__IDLE_REST_MS": "1"}
 
@@ -119,8 +120,7 @@ def _plot(path: Path, runs: list[dict[str, list[dict[str, float]]]]) -> None:
     for i, r in enumerate(runs):
         for label, ws in r.items():
             kw: dict[str, Any] = {"label": label if i == 0 else None, "alpha": 0.8,
-                                  "color": dict(zip(LAYOUTS, ("C3", "C0", "C1", "C4"),
-                                                    strict=True)).get(label, "C2")}
+                                  "color": _COLORS.get(label, "C2")}
             ax1.plot([w["age_s"] for w in ws], [w["cores"] for w in ws],
                      marker="o", **kw)
             if "longest_pause_ms" in ws[0]:

@@ -388,11 +388,10 @@ def epoch_grid(settings: Settings, epoch_s: float) -> EpochGrid | None:
     es = settings.engine
     if es.workers * max(1, len(es.addresses)) <= 1 or es.epoch_quiet_ms <= 0:
         return None
-    epoch, quiet = timedelta(seconds=epoch_s), timedelta(milliseconds=es.epoch_quiet_ms)
-    if quiet * 2 >= epoch:
-        raise ValueError(f"engine.epoch_quiet_ms ({es.epoch_quiet_ms:g}) must be less than "
-                         f"half the epoch ({epoch_s:g} s)")
-    return EpochGrid(epoch, quiet)
+    try:
+        return EpochGrid(timedelta(seconds=epoch_s), timedelta(milliseconds=es.epoch_quiet_ms))
+    except ValueError as exc:
+        raise ValueError(f"engine.epoch_quiet_ms: {exc}") from exc
 
 
 def run_live(settings: Settings, *, duration_s: float | None = None,
