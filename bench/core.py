@@ -43,6 +43,10 @@ class BenchContext:
     results_dir: Path
     work_dir: Path
     date: str
+    broker: str = "tansu"
+    """What ``brokers`` is: ``"tansu"`` (the default broker of every part) or
+    ``"mock"`` (librdkafka's mock cluster, :mod:`bench.mock_kafka`: no admin requests,
+    topics made on first use)."""
     _stems: dict[str, str] = field(default_factory=dict, init=False, repr=False,
                                    compare=False)
 

@@ -58,7 +58,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -67,6 +67,8 @@ import redis
 from hdrh.histogram import HdrHistogram
 
 from bench.core import BenchContext, PartResult
+from bench.mock_kafka import PARTITIONS as MOCK_PARTITIONS
+from bench.mock_kafka import ensure_topics
 from bench.pacer import CLICK_CUSTOMERS, Pacer, PhaseRecord, Traffic, click_profiles, parse_event_id
 from bench.services import redis_db_url
 from connectors.kafka import create_topics
@@ -584,11 +586,27 @@ def _reset_outputs(client: redis.Redis) -> None:
             client.unlink(*keys[i : i + 1000])
 
 
-def _delete_topics(brokers: str, names: Sequence[str]) -> None:
+def _create_topics(ctx: BenchContext, names: Sequence[str], partitions: int) -> None:
+    """Make a run's topics of ``partitions`` each. librdkafka's mock cluster has no
+    CreateTopics: it makes a topic on first use, with :data:`bench.mock_kafka.PARTITIONS`
+    (a plan for it must ask for that many)."""
+    if ctx.broker != "mock":
+        create_topics(ctx.brokers, dict.fromkeys(names, partitions))
+        return
+    made = ensure_topics(ctx.brokers, names)
+    wrong = {n: k for n, k in made.items() if k != partitions}
+    if wrong:
+        raise RuntimeError(f"the mock cluster made {wrong} partitions, the plan asks for "
+                           f"{partitions}")
+
+
+def _delete_topics(ctx: BenchContext, names: Sequence[str]) -> None:
+    if ctx.broker == "mock":  # no DeleteTopics there; its records go with the part's broker
+        return
     from confluent_kafka.admin import AdminClient  # noqa: PLC0415
 
     try:
-        futures = AdminClient({"bootstrap.servers": brokers}).delete_topics(
+        futures = AdminClient({"bootstrap.servers": ctx.brokers}).delete_topics(
             list(names), operation_timeout=10)
         for fut in futures.values():
             with contextlib.suppress(Exception):
@@ -598,7 +616,9 @@ def _delete_topics(brokers: str, names: Sequence[str]) -> None:
 
 
 def broker_pid(brokers: str) -> int | None:
-    """The pid of a local Tansu serving ``brokers`` (to read its CPU time), if any."""
+    """The pid of the local process serving ``brokers`` (to read its CPU time), if any:
+    a Tansu by its command line, else whichever process holds the listening socket
+    (librdkafka's mock cluster, :mod:`bench.mock_kafka`)."""
     port = brokers.split(",", maxsplit=1)[0].rpartition(":")[2]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -609,6 +629,27 @@ def broker_pid(brokers: str) -> int | None:
             continue
         if cmd and b"tansu" in cmd[0] and any(a.endswith(f":{port}".encode()) for a in cmd):
             return int(proc.name)
+    return _listener_pid(int(port)) if port.isdigit() else None
+
+
+def _listener_pid(port: int) -> int | None:
+    """The pid holding a socket that listens on 127.0.0.1:``port`` (from /proc)."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
     return None
 
 
@@ -656,7 +697,7 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
     client = redis.Redis.from_url(url)
     _reset_outputs(client)
     topics = {f: f"lat.{tag}.{f}" for f in TOPIC_FIELDS}
-    create_topics(ctx.brokers, {name: plan.partitions for name in topics.values()})
+    _create_topics(ctx, list(topics.values()), plan.partitions)
     rules_file = (short_dwell_rules(work / "rules-short-dwell.yaml", plan.dwell_s)
                   if plan.short_dwell_rules else None)
     traffic = Traffic(seed=1000 + index, net_share=plan.net_share,
@@ -746,7 +787,7 @@ def run_once(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
         if pacer is not None:
             pacer.close()
         client.close()
-        _delete_topics(ctx.brokers, list(topics.values()))
+        _delete_topics(ctx, list(topics.values()))
 
 
 def input_only_run(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
@@ -755,7 +796,7 @@ def input_only_run(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
     the broker and the input connector add before the engine sees an event."""
     tag = f"I{index}x{secrets.token_hex(3)}"
     topics = {f: f"lat.{tag}.{f}" for f in ("clicks", "location", "calls")}
-    create_topics(ctx.brokers, {name: plan.partitions for name in topics.values()})
+    _create_topics(ctx, list(topics.values()), plan.partitions)
     traffic = Traffic(seed=1000 + index, net_share=plan.net_share,
                       terminals_per_hall=plan.terminals_per_hall,
                       net_customers=plan.net_customers(phase), click_customers=plan.click_customers)
@@ -778,7 +819,7 @@ def input_only_run(ctx: BenchContext, plan: Plan, phase: Phase, index: int, *,
         readers.kill()
         if pacer is not None:
             pacer.close()
-        _delete_topics(ctx.brokers, list(topics.values()))
+        _delete_topics(ctx, list(topics.values()))
     h = _hist()
     received = 0
     for eid, now in got:
@@ -1005,11 +1046,22 @@ def _cpu_figures(result: PartResult, label: str, rd: RunData) -> None:
                           higher_is_better=False).values.append(v)
 
 
-def run(ctx: BenchContext, *, profile_engine: bool = False) -> PartResult:
-    """Latency at 1k, 5k and 10k events/s (quick: one low rate) and help-sprite lateness."""
+def plan_for(ctx: BenchContext) -> Plan:
+    """:data:`FULL` or, quick, :data:`QUICK`; on librdkafka's mock cluster with the
+    partition count it gives every topic (:data:`bench.mock_kafka.PARTITIONS`)."""
     plan = QUICK if ctx.quick else FULL
+    if ctx.broker == "mock":
+        plan = replace(plan, partitions=MOCK_PARTITIONS)
+    return plan
+
+
+def run(ctx: BenchContext, *, profile_engine: bool = False, part: str = PART,
+        plan: Plan | None = None) -> PartResult:
+    """Latency at 1k, 5k and 10k events/s (quick: one low rate) and help-sprite lateness;
+    ``part`` names the result and its files, ``plan`` replaces :func:`plan_for`'s."""
+    plan = plan or plan_for(ctx)
     runs = ctx.run_count
-    result = PartResult(PART)
+    result = PartResult(part)
     _prepare_redis(ctx, plan)
     data: dict[str, list[RunData]] = {p.name: [] for p in plan.phases}
     for i in range(runs):
@@ -1024,7 +1076,9 @@ def run(ctx: BenchContext, *, profile_engine: bool = False) -> PartResult:
                 continue
             data[phase.name].append(rd)
             label = _label(phase.name)
-            _add_latency_figures(result, "push latency", phase.name, rd.latency)
+            # the targets are judged on Tansu; on the mock cluster the rows carry none
+            _add_latency_figures(result, "push latency", phase.name, rd.latency,
+                                 targets=ctx.broker == "tansu")
             result.figure(f"pushes measured @ {label}", "pushes").values.append(
                 rd.latency.get_total_count())
             result.figure(f"send rate @ {label}", "events/s").values.append(
@@ -1046,12 +1100,13 @@ def run(ctx: BenchContext, *, profile_engine: bool = False) -> PartResult:
                 if st["count"]:
                     result.figure(
                         f"help-sprite lateness {pname} @ {label}", "ms",
-                        target=LATENESS_TARGET if pname == "p99" else "",
+                        target=LATENESS_TARGET if pname == "p99" and ctx.broker == "tansu"
+                        else "",
                         higher_is_better=False).values.append(round(st[key], 1))
             result.figure("help-sprite pushes seen / expected", "%").values.append(
                 round(100 * st["count"] / rd.stuck_expected, 1))
     merged = {_label(n): _merge([rd.latency for rd in rds]) for n, rds in data.items()}
-    plot = plot_cdf(ctx.results_path(PART, "-cdf.png"), merged,
+    plot = plot_cdf(ctx.results_path(part, "-cdf.png"), merged,
                     f"event → push seen in Redis ({runs} run(s) merged per rate)",
                     [(15, "15 ms"), (50, "50 ms"), (150, "150 ms")])
     if plot:
@@ -1060,7 +1115,7 @@ def run(ctx: BenchContext, *, profile_engine: bool = False) -> PartResult:
                    if rd.lateness is not None])
     stuck_phase = next((p for p in plan.phases if p.stuck), None)
     if stuck_phase is not None:
-        plot = plot_cdf(ctx.results_path(PART, "-timers-cdf.png"),
+        plot = plot_cdf(ctx.results_path(part, "-timers-cdf.png"),
                         {f"help-sprite at {plan.dwell_s:g} s, {_label(stuck_phase.name)}": late},
                         f"help-sprite lateness after the {plan.dwell_s:g} s mark",
                         [(1000, "1 s")])
@@ -1092,11 +1147,11 @@ def compare_kafka_settings(ctx: BenchContext,
     """The 5k events/s phase once per Kafka settings set (runs interleaved); latency to
     Redis and to ``exp.pushes`` (Kafka)."""
     settings = settings or KAFKA_SETTINGS
-    plan = QUICK if ctx.quick else FULL
+    plan = plan_for(ctx)
     phase = plan.phases[0] if ctx.quick else COMPARE_PHASE
     phase = Phase(phase.name, phase.rate, phase.duration_s)  # no stuck customers
     runs = ctx.run_count
-    part = f"{PART}-kafka-settings"
+    part = f"{PART}-kafka-settings" + ("" if ctx.broker == "tansu" else f"-{ctx.broker}")
     result = PartResult(part)
     _prepare_redis(ctx, plan)
     redis_curves: dict[str, list[HdrHistogram]] = {}
@@ -1183,6 +1238,9 @@ def main(argv: list[str] | None = None) -> int:
                     help='with --compare-kafka-settings: {"label": {"fetch.wait.max.ms": 5, '
                     '...}, ...} instead of the built-in sets')
     ap.add_argument("--kafka", help="use this broker instead of starting Tansu")
+    ap.add_argument("--broker", choices=("tansu", "mock"), default="tansu",
+                    help="the broker to start (or, with --kafka, that it is): Tansu, or "
+                    "librdkafka's mock cluster (bench/mock_kafka.py)")
     ap.add_argument("--redis", help="use this Redis (db 11 is flushed!) instead of starting one")
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--work-dir", type=Path, help="logs (default: a temporary directory)")
@@ -1195,9 +1253,11 @@ def main(argv: list[str] | None = None) -> int:
     def go(brokers: str, redis_url: str) -> PartResult:
         ctx = BenchContext(brokers=brokers, redis_url=redis_url, quick=args.quick,
                            runs=args.runs, results_dir=args.results_dir, work_dir=work,
-                           date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+                           date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+                           broker=args.broker)
         res = (compare_kafka_settings(ctx, args.kafka_settings) if args.compare_kafka_settings
-               else run(ctx, profile_engine=args.profile))
+               else run(ctx, profile_engine=args.profile,
+                        part=PART if args.broker == "tansu" else f"{PART}_{args.broker}"))
         path = ctx.results_path(res.part)
         path.write_text(json.dumps(res.to_json(), indent=2, default=str))
         _print(res)
@@ -1209,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.services import services  # noqa: PLC0415
 
-        with services(work) as (brokers, redis_url):
+        with services(work, args.broker) as (brokers, redis_url):
             go(args.kafka or brokers, args.redis or redis_url)
     return 0
 

@@ -311,10 +311,18 @@ def start_redis(work_dir: Path, exe: str | None = None, extra: Sequence[str] = (
 
 
 @contextlib.contextmanager
-def services(work_dir: Path) -> Iterator[tuple[str, str]]:
-    """Start Tansu and redis-server (logs under ``work_dir``); yield
+def services(work_dir: Path, broker: str = "tansu") -> Iterator[tuple[str, str]]:
+    """Start Tansu (or, ``broker="mock"``, librdkafka's mock cluster:
+    :mod:`bench.mock_kafka`) and redis-server (logs under ``work_dir``); yield
     ``(brokers, redis_url)``; stop both on exit."""
-    tansu = start_tansu(work_dir / "tansu")
+    if broker == "mock":
+        from bench.mock_kafka import start_mock_kafka  # noqa: PLC0415  (imports this module)
+
+        tansu = start_mock_kafka(work_dir / "mock-kafka" / "mock-kafka.log")
+    elif broker == "tansu":
+        tansu = start_tansu(work_dir / "tansu")
+    else:
+        raise ValueError(f"unknown broker {broker!r}: tansu or mock")
     try:
         redis_service = start_redis(work_dir / "redis")
         try:
