@@ -1,4 +1,4 @@
-"""librdkafka's mock cluster as a stand-in broker whose fetch does not slow with its log.
+"""librdkafka's mock cluster as a stand-in broker whose fetch cost has a bound.
 
 The latency targets of issue #6 cannot be judged on Tansu's memory storage: it lists
 every stored batch of a partition on each fetch, so send -> consume latency grows with
