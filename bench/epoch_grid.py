@@ -46,6 +46,7 @@ def run(ctx: BenchContext) -> PartResult:
     ratio = result.figure("touchstream 2p, grid off / grid on", "ratio",
                           higher_is_better=False)
     pairs: list[dict[str, float]] = []
+    quiet_ms: dict[str, list[int]] = {arm: [] for arm in ARMS}
     work = ctx.work_dir / f"{PART}-{uuid.uuid4().hex[:6]}"
     for i in range(ctx.run_count):
         ds = produce_dataset(ctx.brokers, f"bench.eg{i + 1}.{uuid.uuid4().hex[:6]}.", n,
@@ -61,12 +62,14 @@ def run(ctx: BenchContext) -> PartResult:
                     redis_url=ctx.redis_url, processes=2, env=ARMS[arm],
                     timeout_s=60.0 + n / 2_000)
                 pair[arm] = float(doc["rate"])
+                quiet_ms[arm].append(int(doc["epoch_quiet_ms"]))
                 rates[arm].values.append(pair[arm])
         finally:
             delete_dataset(ds)
         ratio.values.append(pair["grid off"] / pair["grid on"])
         pairs.append(pair)
     result.extra["pairs"] = pairs
+    result.extra["epoch_quiet_ms"] = quiet_ms  # what each arm's engine ran with
     result.extra["config"] = {"events": n, "customers": customers,
                               "partitions": throughput.PARTITIONS, "pairs": ctx.run_count}
     result.notes.append("pairs of 2-process engine runs on one fresh dataset each, the "

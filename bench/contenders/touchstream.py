@@ -136,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(codes):
             raise SystemExit(f"cluster processes exited with {codes}")
     pushes = _count_pushes(args.redis)
+    # The quiet window the members read from the environment (0: no epoch grid).
     write_result(args.result, read_timings(timing_dir), gc_dir=timing_dir, processes=args.processes,
-                 push_streams=pushes)
+                 push_streams=pushes, epoch_quiet_ms=base.engine.epoch_quiet_ms)
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import epoch_grid, throughput
+from flows.settings import Settings
 from tests.bench import quick_ctx
 
 pytestmark = pytest.mark.integration
@@ -23,3 +24,7 @@ def test_epoch_grid_quick(tansu: str, redis_server: str, tmp_path: Path) -> None
     assert figures["touchstream 2p, grid off / grid on"].values == [
         pytest.approx(pair["grid off"] / pair["grid on"])]
     assert result.extra["config"]["events"] == throughput.QUICK["events"]
+    # Each arm's engine read its own setting: the grid on (the default window) and off.
+    assert result.extra["epoch_quiet_ms"] == {
+        "grid on": [Settings().engine.epoch_quiet_ms], "grid off": [0]}
+    assert Settings().engine.epoch_quiet_ms > 0
