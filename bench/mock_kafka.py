@@ -8,9 +8,10 @@ for client tests: a client configured with ``test.mock.num.brokers`` starts it i
 its process and it listens on a real TCP port of 127.0.0.1, so other processes (the
 engine, the load producer, the readers) can use it as a broker.
 
-What it is not: a Kafka broker. It keeps every record in memory, finds a fetch's
-position by walking a partition's batches in C, and answers only the requests librdkafka
-clients need for producing and consuming (no CreateTopics, DeleteTopics or configs).
+What it is not: a Kafka broker. It keeps records in memory, at most 5 MiB or 100,000
+batches per partition (older ones are dropped), finds a fetch's position by walking a
+partition's batches in C, and answers only the requests librdkafka clients need for
+producing and consuming (no CreateTopics, DeleteTopics or configs).
 A topic is made on first use with 4 partitions (its default, not settable from a
 client's configuration): :func:`ensure_topics` asks for the topics' metadata with a
 producer, which lets the broker create them. Figures taken on it say what the engine
