@@ -616,24 +616,13 @@ def _delete_topics(ctx: BenchContext, names: Sequence[str]) -> None:
 
 
 def broker_pid(brokers: str) -> int | None:
-    """The pid of the local process serving ``brokers`` (to read its CPU time), if any:
-    a Tansu by its command line, else whichever process holds the listening socket
-    (librdkafka's mock cluster, :mod:`bench.mock_kafka`)."""
-    port = brokers.split(",", maxsplit=1)[0].rpartition(":")[2]
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and b"tansu" in cmd[0] and any(a.endswith(f":{port}".encode()) for a in cmd):
-            return int(proc.name)
-    return _listener_pid(int(port)) if port.isdigit() else None
-
-
-def _listener_pid(port: int) -> int | None:
-    """The pid holding a socket that listens on 127.0.0.1:``port`` (from /proc)."""
+    """The pid of the local process listening on the first address of ``brokers``
+    (Tansu, or librdkafka's mock cluster of :mod:`bench.mock_kafka`), to read its CPU
+    time; None if no process of this host holds that socket (from /proc)."""
+    port_s = brokers.split(",", maxsplit=1)[0].rpartition(":")[2]
+    if not port_s.isdigit():
+        return None
+    port = int(port_s)
     inodes: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -1055,11 +1044,13 @@ def plan_for(ctx: BenchContext) -> Plan:
     return plan
 
 
-def run(ctx: BenchContext, *, profile_engine: bool = False, part: str = PART,
+def run(ctx: BenchContext, *, profile_engine: bool = False,
         plan: Plan | None = None) -> PartResult:
     """Latency at 1k, 5k and 10k events/s (quick: one low rate) and help-sprite lateness;
-    ``part`` names the result and its files, ``plan`` replaces :func:`plan_for`'s."""
+    ``plan`` replaces :func:`plan_for`'s. The result and its files are named ``latency``,
+    or ``latency_<broker>`` on another broker than Tansu."""
     plan = plan or plan_for(ctx)
+    part = PART if ctx.broker == "tansu" else f"{PART}_{ctx.broker}"
     runs = ctx.run_count
     result = PartResult(part)
     _prepare_redis(ctx, plan)
@@ -1256,8 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
                            date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
                            broker=args.broker)
         res = (compare_kafka_settings(ctx, args.kafka_settings) if args.compare_kafka_settings
-               else run(ctx, profile_engine=args.profile,
-                        part=PART if args.broker == "tansu" else f"{PART}_{args.broker}"))
+               else run(ctx, profile_engine=args.profile))
         path = ctx.results_path(res.part)
         path.write_text(json.dumps(res.to_json(), indent=2, default=str))
         _print(res)

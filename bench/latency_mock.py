@@ -38,7 +38,7 @@ def run(ctx: BenchContext) -> PartResult:
         plan = latency.plan_for(mctx)
         if not ctx.quick:
             plan = replace(plan, phases=PHASES)
-        result = latency.run(mctx, part=PART, plan=plan)
+        result = latency.run(mctx, plan=plan)  # named latency_mock (PART) on this broker
     finally:
         broker.stop()
     result.notes.append(

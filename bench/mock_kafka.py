@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from bench.services import Service, ServiceError
+from bench.services import Service, ServiceError, _tail
 
 __all__ = ["PARTITIONS", "ensure_topics", "start_mock_kafka"]
 
@@ -63,7 +63,8 @@ def start_mock_kafka(log_path: Path) -> Service:
         time.sleep(0.05)
     proc.kill()
     proc.wait(5)
-    raise ServiceError(f"librdkafka's mock cluster did not start; log {log_path}")
+    raise ServiceError(f"librdkafka's mock cluster did not start; log {log_path}:\n"
+                       f"{_tail(log_path)}")
 
 
 def ensure_topics(brokers: str, names: Iterable[str], timeout_s: float = 10.0) -> dict[str, int]:

@@ -318,16 +318,16 @@ def services(work_dir: Path, broker: str = "tansu") -> Iterator[tuple[str, str]]
     if broker == "mock":
         from bench.mock_kafka import start_mock_kafka  # noqa: PLC0415  (imports this module)
 
-        tansu = start_mock_kafka(work_dir / "mock-kafka" / "mock-kafka.log")
+        kafka = start_mock_kafka(work_dir / "mock-kafka" / "mock-kafka.log")
     elif broker == "tansu":
-        tansu = start_tansu(work_dir / "tansu")
+        kafka = start_tansu(work_dir / "tansu")
     else:
         raise ValueError(f"unknown broker {broker!r}: tansu or mock")
     try:
         redis_service = start_redis(work_dir / "redis")
         try:
-            yield tansu.address, redis_service.address
+            yield kafka.address, redis_service.address
         finally:
             stop(redis_service)
     finally:
-        stop(tansu)
+        stop(kafka)

@@ -30,6 +30,8 @@ def test_latency_quick(tansu: str, redis_server: str, tmp_path: Path) -> None:
     assert abs(run["measured_s"] - phase.measure_s) < 0.5
     assert run["seen"].get("after the measured window", 0) > 0
     assert run["drain_s"] is not None and run["help_wait_s"] is not None
+    # The broker's CPU was read: broker_pid found the Tansu listening on its port.
+    assert run["cpu"].get("broker") is not None
     # Pushes were seen, on terminal streams and on customer streams, and the readers
     # watch every stream pushes go to (with the 2 s dwell, a help-sprite of an ordinary
     # session may fire after the readers stopped: a few may be missing).
