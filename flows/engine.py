@@ -483,10 +483,31 @@ class ShardEngine:
         return p if p is not None else self.profiles.get(customer_id)
 
     def fire_due(self, now: int, out: Out) -> None:
-        """Live: fire every timer whose deadline is at or before ``now``."""
+        """Live: fire every timer whose deadline is at or before ``now``, in deadline order.
+
+        The profiles of the customers whose timers will fire are read first, in one
+        round trip. A dwell timer fires long after the click that set it (90 s for
+        ``help-sprite``, against a profile cache of seconds), so each one used to cost a
+        round trip of its own, one after the other: after a pause (a restart, a stalled
+        worker) every timer that came due in it did. Timers that no longer apply (the
+        customer moved on) read nothing, as before.
+        """
         timers = self.timers
-        while timers and timers[0][0] <= now:
-            self._fire(heapq.heappop(timers), out)
+        if timers and timers[0][0] <= now:
+            due: list[tuple[int, str, str, str]] = []
+            while timers and timers[0][0] <= now:
+                due.append(heapq.heappop(timers))  # firing one never schedules another
+            held = self._held
+            need = {t[1] for t in due
+                    if t[1] not in held and self._timer_target(t) is not None}
+            if need:
+                fetched = self.profiles.prefetch(need)
+                self._held = {**held, **fetched} if held else fetched
+            try:
+                for timer in due:
+                    self._fire(timer, out)
+            finally:
+                self._held = held
         self.wm = max(self.wm, now)
         self._maybe_sweep(now)
 
@@ -752,19 +773,32 @@ class ShardEngine:
             if len(hist) > keep:
                 del hist[: len(hist) - keep]
 
-    def _fire(self, timer: tuple[int, str, str, str], out: Out) -> None:
+    def _timer_target(self, timer: tuple[int, str, str, str]
+                      ) -> tuple[Customer, _Step, Rule] | None:
+        """What a due timer fires for (its customer, open step and rule), or None if it
+        no longer applies: the customer left that step or was evicted, the rule already
+        fired for this visit, or the rule was removed or its dwell changed (see
+        :meth:`set_rules`)."""
         deadline, cid, visit_key, rule_id = timer
         c = self.customers.get(cid)
         if c is None:
-            return
-        if self._changed is not None:
-            self._changed.add(cid)
+            return None
         st = c.step
         if st is None or st.key != visit_key or (st.fired is not None and rule_id in st.fired):
-            return
+            return None
         rule = next((r for r in self._dwell_rules if r.id == rule_id), None)
         if rule is None or deadline != st.enter_ts + rule.trigger.dwell:
-            return  # the rule was removed, or its dwell changed (see set_rules)
+            return None
+        return c, st, rule
+
+    def _fire(self, timer: tuple[int, str, str, str], out: Out) -> None:
+        target = self._timer_target(timer)
+        if target is None:
+            return  # nothing changes: the customer is not marked for the next snapshot
+        c, st, rule = target
+        deadline, cid, visit_key, rule_id = timer
+        if self._changed is not None:
+            self._changed.add(cid)
         if st.fired is None:
             st.fired = set()
         st.fired.add(rule_id)

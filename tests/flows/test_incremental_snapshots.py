@@ -179,3 +179,30 @@ def test_a_full_snapshot_restores_into_an_incremental_engine_and_back() -> None:
     # the restored map is kept: a customer untouched since the restart stays in it
     inc.on_live_event(calls("c0", T0 + MIN, 1, 1), T0 + MIN, [])
     assert set(through_bytes(inc)["packed"]) == {f"c{i}" for i in range(10)}
+
+
+def test_a_timer_that_no_longer_applies_packs_nobody(monkeypatch: pytest.MonkeyPatch) -> None:
+    """c1 leaves the step before help-sprite's 90 s: the stale timer changes nothing, so
+    the next snapshot re-packs nobody (it used to re-pack c1)."""
+    e = engine(incremental=True)
+    out: list[Any] = []
+    for env in (click("c1", T0, "session_start"),
+                click("c1", T0 + S, "module_enter", module="remote_cam"),
+                click("c1", T0 + 2 * S, "step_enter", module="remote_cam", step="pair"),
+                click("c1", T0 + 3 * S, "step_exit", module="remote_cam", step="pair")):
+        e.on_live_event(env, env.event.ts, out)
+    assert e.timers  # help-sprite's timer is still pending
+    through_bytes(e)
+    packed: list[Customer] = []
+    real = Customer.to_state
+
+    def counting(c: Customer) -> list[Any]:
+        packed.append(c)
+        return real(c)
+
+    monkeypatch.setattr(Customer, "to_state", counting)
+    fired: list[Any] = []
+    e.fire_due(T0 + 5 * MIN, fired)
+    assert not e.timers and fired == []
+    through_bytes(e)
+    assert packed == []

@@ -334,3 +334,43 @@ def test_raw_records_pickle_round_trip_for_the_cross_process_exchange() -> None:
 
     for r in (RawRecord("t/0", 7, b"{}", b"k", "msgpack"), RawRecord("demo", 1, b"x")):
         assert pickle.loads(pickle.dumps(r)) == r
+
+
+def step_recs(cid: str, ts: int, pos: int = 0) -> list[RawRecord]:
+    """A session, a module and a step entered: help-sprite's timer is set for ts+90 s."""
+    docs = [session_start(cid, ts),
+            {"type": "click", "customer_id": cid, "ts": ts + 1, "terminal_id": "H01-T01",
+             "hall_id": "H01", "action": "module_enter", "module": "remote_cam"},
+            {"type": "click", "customer_id": cid, "ts": ts + 2, "terminal_id": "H01-T01",
+             "hall_id": "H01", "action": "step_enter", "module": "remote_cam",
+             "step": "pair"}]
+    return [rec(d, key=cid.encode(), source="touch.clicks/0", pos=pos + i)
+            for i, d in enumerate(docs)]
+
+
+def test_due_timers_read_their_profiles_in_one_round_trip() -> None:
+    """Many help-sprite timers due at once read the profiles of the customers they fire
+    for in one prefetch, no ``get`` per timer; a timer that no longer applies (its
+    customer left the step) reads nothing, and ones not yet due wait."""
+    ids = [f"t{i}" for i in range(12)]
+    store = CountingProfiles([Profile(c, subscriptions=frozenset({"care_link"}))
+                              for c in ids])
+    eng = ShardEngine(0, load_default_rules(), store, EngineConfig())
+    intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
+    out: list[Any] = []
+    records = [r for i, c in enumerate(ids) for r in step_recs(c, NOW + 10 * i, 3 * i)]
+    left = {"type": "click", "customer_id": "t3", "ts": NOW + 5_000, "terminal_id": "H01-T01",
+            "hall_id": "H01", "action": "step_exit", "module": "remote_cam", "step": "pair"}
+    records.append(rec(left, key=b"t3", source="touch.clicks/0", pos=99))
+    eng.on_live_batch(intake([records], NOW + 5_000, out), NOW + 5_000,
+                      out, {c: store.held[c] for c in ids})
+    store.prefetched.clear()
+    out.clear()
+    eng.fire_due(NOW + 90_000 + 75, out)  # t0..t7 are due (t3 no longer applies)
+    assert [sorted(p) for p in store.prefetched] == [["t0", "t1", "t2", "t4", "t5", "t6", "t7"]]
+    assert store.gets == []
+    fired = sorted(p.customer_id for p in out if getattr(p, "rule_id", "") == "help-sprite")
+    assert fired == ["t0", "t1", "t2", "t4", "t5", "t6", "t7"]
+    eng.fire_due(NOW + 90_000 + 200, out)  # the rest, in a second read
+    assert [sorted(p) for p in store.prefetched[1:]] == [["t10", "t11", "t8", "t9"]]
+    assert store.gets == []
