@@ -30,7 +30,7 @@ from bench.services import services
 PARTS = ("throughput", "latency", "memory")
 # run only when named
 EXTRA_PARTS = ("gateway_idle", "broker_fetch", "engine_idle", "input_drift", "decode",
-               "profile_reads", "snapshot", "epoch_grid", "latency_mock")
+               "profile_reads", "snapshot", "epoch_grid", "latency_mock", "timer_reads")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
