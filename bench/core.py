@@ -117,6 +117,13 @@ class PartResult:
         self.figures.append(f)
         return f
 
+    def append_ratio(self, name: str, numerator: str, denominator: str) -> None:
+        """Append to the ratio figure ``name`` the latest value of figure ``numerator``
+        over that of ``denominator`` (a ratio taken within one run; lower is better)."""
+        num, den = self.figure(numerator, ""), self.figure(denominator, "")
+        self.figure(name, "ratio", higher_is_better=False).values.append(
+            num.values[-1] / den.values[-1])
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able document (medians included for convenience)."""
         return {

@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 from bench.core import BenchContext, PartResult
-from bench.workload import customer_id, profiles
+from bench.workload import customer_id, drop_profiles, load_profiles, profiles
 from flows.model import Profile
 from state.redis_store import PROFILE_FIELDS, ProfileDecoder, RedisProfileStore, encode_profile
 
@@ -83,18 +83,6 @@ def _time(read: Callable[[Sequence[str]], dict[str, Profile]],
     return wall * 1e6 / n, cpu * 1e6 / n, got
 
 
-def _load(client: redis.Redis, population: list[Profile]) -> None:
-    store = RedisProfileStore(client, prefix=PREFIX)
-    for i in range(0, len(population), 5_000):
-        store.put_many(population[i : i + 5_000])
-
-
-def _drop(client: redis.Redis) -> None:
-    keys = list(client.scan_iter(match=PREFIX + "*", count=10_000))
-    for i in range(0, len(keys), 10_000):
-        client.unlink(*keys[i : i + 10_000])
-
-
 def _plot(result: PartResult, sizes: Sequence[int], path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -139,8 +127,8 @@ def run(ctx: BenchContext) -> PartResult:
                           higher_is_better=False)
     client = redis.Redis.from_url(ctx.redis_url)
     try:
-        _drop(client)
-        _load(client, population)
+        drop_profiles(client, PREFIX)
+        load_profiles(client, population, PREFIX)
         rng = random.Random(7)
         for _ in range(ctx.runs):
             # fresh each run: an empty memo, nothing cached
@@ -163,13 +151,11 @@ def run(ctx: BenchContext) -> PartResult:
                 if not reads[WAYS[0]] == reads[WAYS[1]] == reads[WAYS[2]]:
                     raise RuntimeError(f"the three ways read different profiles (batch {n})")
                 for what in ("wall", "CPU"):
-                    base = result.figure(f"{WAYS[0]}, batch {n:,}, {what} per profile", "us")
-                    now = result.figure(f"{WAYS[2]}, batch {n:,}, {what} per profile", "us")
-                    result.figure(f"script + memo / HGETALL pipeline, batch {n:,}, {what}",
-                                  "ratio", higher_is_better=False) \
-                        .values.append(now.values[-1] / base.values[-1])
+                    result.append_ratio(f"script + memo / HGETALL pipeline, batch {n:,}, {what}",
+                                        f"{WAYS[2]}, batch {n:,}, {what} per profile",
+                                        f"{WAYS[0]}, batch {n:,}, {what} per profile")
     finally:
-        _drop(client)
+        drop_profiles(client, PREFIX)
         client.close()
     plot = ctx.results_path(PART, ".png")
     _plot(result, sizes, plot)

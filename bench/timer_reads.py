@@ -36,7 +36,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from bench.core import BenchContext, PartResult
-from bench.workload import customer_id, profiles
+from bench.workload import customer_id, drop_profiles, load_profiles, profiles
 from flows.codec import json_dumps
 from flows.engine import EngineConfig, ShardEngine
 from flows.experience import LiveIntake
@@ -132,12 +132,6 @@ def _time(eng: ShardEngine, way: str, n: int) -> tuple[float, float, float, list
     return wall, cpu, _round_trips() - r0, out
 
 
-def _drop(client: redis.Redis) -> None:
-    keys = list(client.scan_iter(match=PREFIX + "*", count=10_000))
-    for i in range(0, len(keys), 10_000):
-        client.unlink(*keys[i : i + 10_000])
-
-
 def _plot(result: PartResult, sizes: tuple[int, ...], path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -177,11 +171,8 @@ def run(ctx: BenchContext) -> PartResult:
     client = redis.Redis.from_url(ctx.redis_url)
     clock = _Clock()
     try:
-        _drop(client)
-        store = RedisProfileStore(client, prefix=PREFIX)
-        population = list(profiles(max(sizes)))
-        for i in range(0, len(population), 5_000):
-            store.put_many(population[i : i + 5_000])
+        drop_profiles(client, PREFIX)
+        load_profiles(client, profiles(max(sizes)), PREFIX)
         for r in range(ctx.runs):
             for n in sizes:
                 fired: dict[str, list[Any]] = {}
@@ -198,12 +189,11 @@ def run(ctx: BenchContext) -> PartResult:
                             "help-sprite")
                 if helps != n:
                     raise RuntimeError(f"{helps} help-sprite pushes for {n} due timers")
-                base = result.figure(f"{WAYS[0]}, {n:,} timers, wall per timer", "")
-                now = result.figure(f"{WAYS[1]}, {n:,} timers, wall per timer", "")
-                result.figure(f"all at once / one per call, {n:,} timers, wall", "") \
-                    .values.append(now.values[-1] / base.values[-1])
+                result.append_ratio(f"all at once / one per call, {n:,} timers, wall",
+                                    f"{WAYS[1]}, {n:,} timers, wall per timer",
+                                    f"{WAYS[0]}, {n:,} timers, wall per timer")
     finally:
-        _drop(client)
+        drop_profiles(client, PREFIX)
         client.close()
     plot = ctx.results_path(PART, ".png")
     _plot(result, sizes, plot)

@@ -11,14 +11,18 @@ given seed, so every contender in a run reads byte-identical topics.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import redis
 
 from connectors.demo import HALLS, MODULES
 from flows.codec import json_dumps
 from flows.model import Profile
+from state.redis_store import RedisProfileStore
 
-__all__ = ["Workload", "customer_id", "profiles", "session_script"]
+__all__ = ["Workload", "customer_id", "drop_profiles", "load_profiles", "profiles",
+           "session_script"]
 
 POIS = ("mall", "stadium", "office", "cinema", "home", None)
 STEPS = ("intro", "pair", "door_sensor_setup", "confirm")
@@ -122,3 +126,24 @@ def session_script(rng: random.Random, cid: str, hall: str | None = None,
         out.append(click("order", module))
     out.append(click("session_end"))
     return out
+
+
+def load_profiles(client: redis.Redis, population: Iterable[Profile], prefix: str) -> None:
+    """Write profiles as the engine's Redis store keeps them, under ``prefix``, 5,000 per
+    round trip (a part's own prefix: never the engine's ``profile:``)."""
+    store = RedisProfileStore(client, prefix=prefix)
+    batch: list[Profile] = []
+    for p in population:
+        batch.append(p)
+        if len(batch) == 5_000:
+            store.put_many(batch)
+            batch = []
+    if batch:
+        store.put_many(batch)
+
+
+def drop_profiles(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under ``prefix`` (what :func:`load_profiles` wrote)."""
+    keys = list(client.scan_iter(match=prefix + "*", count=10_000))
+    for i in range(0, len(keys), 10_000):
+        client.unlink(*keys[i : i + 10_000])

@@ -102,19 +102,26 @@ def test_incremental_snapshots_equal_full_ones_through_restarts(seed: int) -> No
     assert full.counts["engine", "evicted"] > 0  # and sweeps evicted customers
 
 
-def test_a_snapshot_packs_only_the_customers_changed_since_the_last(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    e = engine(incremental=True)
-    for i in range(30):
-        e.on_live_event(location(f"c{i}", T0 + i * S, "mall"), T0 + i * S, [])
-    packed: list[Customer] = []
+@pytest.fixture
+def packed(monkeypatch: pytest.MonkeyPatch) -> list[Customer]:
+    """Every customer a snapshot packs (``Customer.to_state``) during the test, in order."""
+    seen: list[Customer] = []
     real = Customer.to_state
 
     def counting(c: Customer) -> list[Any]:
-        packed.append(c)
+        seen.append(c)
         return real(c)
 
     monkeypatch.setattr(Customer, "to_state", counting)
+    return seen
+
+
+def test_a_snapshot_packs_only_the_customers_changed_since_the_last(
+        packed: list[Customer]) -> None:
+    e = engine(incremental=True)
+    for i in range(30):
+        e.on_live_event(location(f"c{i}", T0 + i * S, "mall"), T0 + i * S, [])
+    assert packed == []
     first = through_bytes(e)
     assert len(packed) == 30 and len(first["packed"]) == 30
     packed.clear()
@@ -181,7 +188,7 @@ def test_a_full_snapshot_restores_into_an_incremental_engine_and_back() -> None:
     assert set(through_bytes(inc)["packed"]) == {f"c{i}" for i in range(10)}
 
 
-def test_a_timer_that_no_longer_applies_packs_nobody(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_timer_that_no_longer_applies_packs_nobody(packed: list[Customer]) -> None:
     """c1 leaves the step before help-sprite's 90 s: the stale timer changes nothing, so
     the next snapshot re-packs nobody (it used to re-pack c1)."""
     e = engine(incremental=True)
@@ -193,14 +200,8 @@ def test_a_timer_that_no_longer_applies_packs_nobody(monkeypatch: pytest.MonkeyP
         e.on_live_event(env, env.event.ts, out)
     assert e.timers  # help-sprite's timer is still pending
     through_bytes(e)
-    packed: list[Customer] = []
-    real = Customer.to_state
-
-    def counting(c: Customer) -> list[Any]:
-        packed.append(c)
-        return real(c)
-
-    monkeypatch.setattr(Customer, "to_state", counting)
+    assert packed == [e.customers["c1"]]  # c1, once: its state before the timer
+    packed.clear()
     fired: list[Any] = []
     e.fire_due(T0 + 5 * MIN, fired)
     assert not e.timers and fired == []
