@@ -43,7 +43,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeAlias
@@ -143,6 +144,26 @@ class KafkaConsumeError(RuntimeError):
     """The consumer reported an error that is neither end-of-partition nor transient."""
 
 
+def _weak_error_cb(method: Callable[[KafkaError], None]) -> Callable[[KafkaError], None]:
+    """``method`` (a partition's ``_on_error``) for a librdkafka client's ``error_cb``,
+    through a weak reference to the partition.
+
+    The partition holds its client; a client holding the partition's bound method would
+    close a reference cycle, and the client's handle (its threads, its reconnects to a
+    broker long gone) would outlive the partition until the garbage collector broke it:
+    a dataflow that failed never closes its partitions. Errors reported after the
+    partition is gone are dropped, with nobody left to raise them to.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def error_cb(err: KafkaError) -> None:
+        m = ref()
+        if m is not None:
+            m(err)
+
+    return error_cb
+
+
 class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
     """One topic partition read through an ``assign()``-ed consumer."""
 
@@ -201,7 +222,7 @@ class _KafkaPartition(StatefulSourcePartition[RawRecord, int]):
         self._probe_at: int | None = None
         self._probe_deadline = 0.0
         self._proven_pos = -1
-        self._consumer = Consumer({**config, "error_cb": self._on_error})
+        self._consumer = Consumer({**config, "error_cb": _weak_error_cb(self._on_error)})
         if start == OFFSET_END:
             # Resolve "the end" to a real offset now, so that a snapshot taken before
             # the first record is a real offset too (resuming at OFFSET_END would skip
@@ -714,7 +735,7 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
 
     def __init__(self, config: dict[str, Any], retry_poll_s: float, flush_timeout_s: float):
         log.debug("kafka output config %s", mask_config(config))
-        self._producer = Producer({**config, "error_cb": self._on_error})
+        self._producer = Producer({**config, "error_cb": _weak_error_cb(self._on_error)})
         self._retry_poll_s = retry_poll_s
         self._flush_timeout_s = flush_timeout_s
         self.delivered = 0
@@ -820,8 +841,17 @@ class _ProducerPartition(StatelessSinkPartition[KafkaMessage]):
         self._raise_failures()
 
     def close(self) -> None:
-        """Flush within the timeout; raise if anything failed or is still undelivered."""
-        remaining: int = self._producer.flush(self._flush_timeout_s)
+        """Flush within the timeout, then let the producer go; raise if anything failed
+        or is still undelivered.
+
+        :class:`KafkaOutput` keeps its partitions for their counters; dropped here, the
+        producer's librdkafka handle (threads, connections) ends now rather than with
+        the output.
+        """
+        try:
+            remaining: int = self._producer.flush(self._flush_timeout_s)
+        finally:
+            del self._producer
         self._raise_failures()
         if remaining:
             raise KafkaDeliveryError(

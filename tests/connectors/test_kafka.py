@@ -6,6 +6,7 @@ reading with ``assign()`` (no consumer-group join).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -644,6 +645,45 @@ def test_message_too_large_raises_and_producer_keeps_working(
     part.close()
     assert (part.delivered, part.failed) == (1, 1)
     assert [m.value() for m in _read_back(tansu, t, 1)] == [b"small"]
+
+
+def _producers() -> int:
+    return sum(type(o) is Producer for o in gc.get_objects())
+
+
+def test_a_closed_output_partition_lets_its_producer_go() -> None:
+    """close() drops its librdkafka producer, whose handle (threads, reconnects) then
+    ends at once, though the output keeps the partition for its counters."""
+    gc.collect()
+    gc.disable()  # what follows must not rely on the collector
+    try:
+        before = _producers()
+        out = KafkaOutput("127.0.0.1:1")  # no broker: nothing to deliver, nothing waits
+        part = out.build("out", 0, 1)
+        assert _producers() == before + 1
+        part.close()
+        assert _producers() == before
+        assert out.delivered == 0 and out.failed == 0  # the counters are still there
+    finally:
+        gc.enable()
+
+
+def test_an_unclosed_output_partition_and_its_producer_go_with_their_last_reference(
+) -> None:
+    """A failed dataflow never closes its partitions: the producer must not keep its own
+    partition alive through its error callback (a cycle only the collector breaks; it
+    used to leave librdkafka handles reconnecting to brokers of finished tests)."""
+    gc.collect()
+    gc.disable()
+    try:
+        before = _producers()
+        out = KafkaOutput("127.0.0.1:1")
+        out.build("out", 0, 1)
+        assert _producers() == before + 1
+        del out  # the output, and with it its partition
+        assert _producers() == before
+    finally:
+        gc.enable()
 
 
 @pytest.mark.integration
