@@ -1097,8 +1097,9 @@ def run(ctx: BenchContext, *, profile_engine: bool = False,
             result.figure("help-sprite pushes seen / expected", "%").values.append(
                 round(100 * st["count"] / rd.stuck_expected, 1))
     merged = {_label(n): _merge([rd.latency for rd in rds]) for n, rds in data.items()}
+    on = "Tansu" if ctx.broker == "tansu" else "librdkafka's mock cluster"
     plot = plot_cdf(ctx.results_path(part, "-cdf.png"), merged,
-                    f"event → push seen in Redis ({runs} run(s) merged per rate)",
+                    f"event → push seen in Redis, on {on} ({runs} run(s) merged per rate)",
                     [(15, "15 ms"), (50, "50 ms"), (150, "150 ms")])
     if plot:
         result.plots.append(plot)
