@@ -42,6 +42,7 @@ from flows.engine import EngineConfig, ShardEngine
 from flows.experience import LiveIntake
 from flows.model import DEFAULT_LIMITS, RawRecord
 from flows.rules import load_default_rules
+from flows.settings import RedisSettings
 from state.guards import InMemoryQuotaStore
 from state.redis_store import RedisProfileStore
 
@@ -50,8 +51,11 @@ __all__ = ["FULL", "QUICK", "WAYS", "run"]
 PART = "timer_reads"
 PREFIX = "bench-timer-reads:"
 NOW_MS = 1_790_000_000_000
-DWELL_MS = 90_000
-"""``help-sprite``'s dwell in the default rules."""
+RULES = load_default_rules()
+DWELL_MS = next(r.trigger.dwell for r in RULES.rules if r.id == "help-sprite")
+"""``help-sprite``'s dwell in the default rules (90 s)."""
+CACHE_TTL_S = RedisSettings().profile_cache_ttl_s
+"""The profile cache's age bound the engine runs with by default (5 s)."""
 WAYS = ("one due per call", "all due at once")
 
 
@@ -95,13 +99,13 @@ def _step_records(n: int) -> list[RawRecord]:
 def _engine(client: redis.Redis, clock: _Clock, n: int) -> ShardEngine:
     """An engine with ``n`` customers on a step (their profiles read, then aged out)."""
     clock.t = 0.0
-    store = RedisProfileStore(client, now=clock, prefix=PREFIX)
-    eng = ShardEngine(0, load_default_rules(), store, EngineConfig(shards=1),
+    store = RedisProfileStore(client, CACHE_TTL_S, now=clock, prefix=PREFIX)
+    eng = ShardEngine(0, RULES, store, EngineConfig(shards=1),
                       quota=InMemoryQuotaStore())
     intake = LiveIntake(DEFAULT_LIMITS, 300_000, 86_400_000, 3_600_000)
     now = NOW_MS + n
     eng.on_live_batch(intake([_step_records(n)], now, []), now, [])
-    clock.t = DWELL_MS / 1000 + 5.0  # the cache entries are older than its 5 s now
+    clock.t = DWELL_MS / 1000  # the timers' moment: the cache entries are past their age
     return eng
 
 
