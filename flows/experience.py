@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
@@ -48,7 +48,8 @@ from flows.settings import Settings
 from state.guards import InMemoryQuotaStore, QuotaStore
 from state.profiles import ProfileStore
 
-__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardBatch", "ShardRouter", "build_flow",
+__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardBatch", "ShardCountError", "ShardRouter",
+           "build_flow",
            "live_time_check", "system_now_ms"]
 
 RETAIN = False
@@ -128,6 +129,7 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
                  now_ms: Callable[[], int], stats_every_ms: int, recovery: bool,
                  applied: RulesUpdate | None = None) -> None:
         self.engine = engine
+        self.shards = engine.config.shards
         self.applied = applied  # the last rule change this shard took (None: the start set)
         self.version = engine.rules.version
         self.recovery = recovery
@@ -141,6 +143,10 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         out: list[Any] = []
         eng = self.engine
         if self.intake is not None:
+            shards = self.shards
+            for v in values:  # per group, not per record
+                if type(v) is ShardBatch and v.shards != shards:
+                    _shard_count_differs(shards, v.shards)
             now = self.now_ms()
             if any(type(v) is RulesUpdate for v in values):  # per group, not per record
                 self._live_with_updates(values, now, out)
@@ -357,15 +363,38 @@ class ShardBatch:
     instead of reading Redis again: on a multi-process cluster a shard may run in
     another process than the router, whose profile cache the router's read warmed
     (on 2 processes, about half of them do).
+
+    ``shards`` is the router's ``engine.shards``: the shard checks it against its own,
+    since a cluster whose processes disagree would split customers' state.
     """
 
     records: list[RawRecord]
     profiles: Mapping[str, Profile]
+    shards: int
 
-    def __reduce__(self) -> tuple[type[ShardBatch], tuple[list[RawRecord], dict[str, Profile]]]:
+    def __reduce__(self) -> tuple[type[ShardBatch],
+                                  tuple[list[RawRecord], dict[str, Profile], int]]:
         # Pickled when the shard runs in another process (the empty map is a proxy,
         # which does not pickle; a dict does).
-        return (ShardBatch, (self.records, dict(self.profiles)))
+        return (ShardBatch, (self.records, dict(self.profiles), self.shards))
+
+
+class ShardCountError(RuntimeError):
+    """A shard received records routed with another ``engine.shards`` than its own:
+    the processes of a cluster were started with different settings."""
+
+
+def _shard_count_differs(here: int, routed: int) -> NoReturn:
+    msg = (f"a shard with engine.shards = {here} got records routed with engine.shards = "
+           f"{routed}: every process of a cluster needs the same engine.shards (a "
+           "customer's shard is crc32(id) % shards, so with two counts one customer's "
+           "state splits in two); stop the cluster and start every process with the same "
+           "value")
+    # Logged as well as raised: in a multi-process cluster Bytewax 0.21.1 ends every
+    # process with "Send thread panic" and prints no Python exception (bytewax#318),
+    # and this error cannot be seen on one process.
+    log.error("%s", msg)
+    raise ShardCountError(msg)
 
 
 def _profiles_of(batches: list[ShardBatch]) -> Mapping[str, Profile]:
@@ -462,7 +491,8 @@ class ShardRouter:
             else:
                 g.append(rec)
         if not wanted:
-            return [(shard_key(s), ShardBatch(g, NO_PROFILES)) for s, g in groups.items()]
+            return [(shard_key(s), ShardBatch(g, NO_PROFILES, shards))
+                    for s, g in groups.items()]
         assert self.profiles is not None
         read = self.profiles.prefetch([cid for _, cid in wanted])
         held: dict[int, dict[str, Profile]] = {}
@@ -474,7 +504,7 @@ class ShardRouter:
                     held[s] = {cid: p}
                 else:
                     h[cid] = p
-        return [(shard_key(s), ShardBatch(g, held.get(s, NO_PROFILES)))
+        return [(shard_key(s), ShardBatch(g, held.get(s, NO_PROFILES), shards))
                 for s, g in groups.items()]
 
 

@@ -172,23 +172,48 @@ class RecoveryDirError(ValueError):
 
 
 INPUTS_FILE = "touchstream-inputs.json"
-"""What the recovery directory was made for (its input topics), written on first start."""
+"""What the recovery directory was made for (its input topics and ``engine.shards``),
+written on first start."""
 
 
 def _check_inputs(d: Path, settings: Settings) -> None:
     """Refuse a directory made for other input topics (Bytewax would abort on the
-    unknown partitions with a panic; resuming them elsewhere would be wrong anyway)."""
+    unknown partitions with a panic; resuming them elsewhere would be wrong anyway), or
+    for another ``engine.shards``.
+
+    A customer's shard is ``crc32(customer id) % engine.shards``, and each shard's
+    customers are one snapshot key: resumed with another count, a customer's new events
+    go to another shard than the one holding their context, timers and once-marks, and
+    the old shard's timers still fire for them. A file written before the shard count
+    was noted (topics only) gets this run's count added.
+    """
     want = sorted(kafka_input_topics(settings)) if settings.kafka.brokers else ["(demo)"]
+    shards = settings.engine.shards
     f = d / INPUTS_FILE
-    if f.exists():
-        have = json.loads(f.read_text(encoding="utf-8")).get("input_topics")
-        if have != want:
-            raise RecoveryDirError(
-                f"recovery directory {d} holds snapshots of input topics {have}, not "
-                f"{want}: give this run its own --recovery-dir (or move that one away to "
-                "start from scratch)")
-    else:
-        f.write_text(json.dumps({"input_topics": want}) + "\n", encoding="utf-8")
+    if not f.exists():
+        f.write_text(json.dumps({"input_topics": want, "shards": shards}) + "\n",
+                     encoding="utf-8")
+        return
+    made = json.loads(f.read_text(encoding="utf-8"))
+    have = made.get("input_topics")
+    if have != want:
+        raise RecoveryDirError(
+            f"recovery directory {d} holds snapshots of input topics {have}, not "
+            f"{want}: give this run its own --recovery-dir (or move that one away to "
+            "start from scratch)")
+    had = made.get("shards")
+    if had is None:
+        made["shards"] = shards
+        f.write_text(json.dumps(made) + "\n", encoding="utf-8")
+        log.info("recovery: %s now notes engine.shards = %d (written before it was noted)",
+                 f, shards)
+    elif had != shards:
+        raise RecoveryDirError(
+            f"recovery directory {d} holds customers in {had} shards, and this run has "
+            f"engine.shards = {shards}: a customer's shard is crc32(id) % shards, so their "
+            f"state would stay in the old shard while their events went to another. Run "
+            f"with --shards {had} (TOUCHSTREAM_ENGINE__SHARDS={had}), or give this run its "
+            "own --recovery-dir to start from scratch")
 
 
 def prepare_recovery(settings: Settings) -> RecoveryConfig | None:

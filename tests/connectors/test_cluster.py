@@ -182,8 +182,11 @@ def read_all(brokers: str, topic: str) -> list[Any]:
 
 
 def run_processes(n: int, tansu: str, redis_url: str, topics: dict[str, str],
-                  rules: Path, tmp_path: Path, tag: str) -> list[tuple[int, str, str]]:
-    """``touchstream run`` as ``n`` processes (one cluster); ``(rc, stdout, stderr)`` each."""
+                  rules: Path, tmp_path: Path, tag: str,
+                  extra_env: Callable[[int], dict[str, str]] = lambda _i: {},
+                  ) -> list[tuple[int, str, str]]:
+    """``touchstream run`` as ``n`` processes (one cluster); ``(rc, stdout, stderr)`` each.
+    ``extra_env(i)`` adds to process ``i``'s environment."""
     env = {**os.environ,
            "TOUCHSTREAM_KAFKA__EOF_WHEN_IDLE_S": "3",
            "TOUCHSTREAM_ENGINE__STATS_INTERVAL_S": "1",
@@ -198,7 +201,8 @@ def run_processes(n: int, tansu: str, redis_url: str, topics: dict[str, str],
         cmd = base + (["-i", str(i), "-a", addresses] if n > 1 else [])
         out = (tmp_path / f"{tag}-{i}.out").open("w")
         err = (tmp_path / f"{tag}-{i}.err").open("w")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err,
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra_env(i)},
+                                       stdout=out, stderr=err,
                                        stdin=subprocess.DEVNULL), out, err))
     results = []
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -305,3 +309,28 @@ def test_two_processes_push_and_alert_exactly_like_one(
     assert two["pushes"] == one["pushes"]
     assert two["alerts"] == one["alerts"]
     assert two["dead"] == one["dead"]
+
+
+def test_a_cluster_whose_processes_disagree_on_shards_stops_and_says_why(
+    tansu: str, tansu_topic: Callable[..., str], redis_url: str, tmp_path: Path
+) -> None:
+    """Process 1 started with ``engine.shards = 32``, process 0 with the default 64:
+    one customer's events would be applied by two shards. The cluster stops at the
+    first batch routed across, with a message saying what to fix, instead of running
+    with split state."""
+    inputs = {kind: tansu_topic(3) for kind in ("clicks", "location", "calls")}
+    t = time.time_ns() // 1_000_000
+    producer = Producer({"bootstrap.servers": tansu, "linger.ms": 1})
+    for kind, ev in events(t):
+        producer.produce(inputs[kind], json.dumps(ev).encode(), key=ev["customer_id"].encode())
+    assert producer.flush(10) == 0
+    topics = {**inputs, "pushes": tansu_topic(3), "alerts": tansu_topic(3),
+              "dead_letters": tansu_topic(1), "stats": tansu_topic(1),
+              "alerts_dlq": tansu_topic(1)}
+    base_url = redis_url.rsplit("/", 1)[0]
+    procs = run_processes(2, tansu, f"{base_url}/3", topics, write_rules(tmp_path / "r.yaml"),
+                          tmp_path, "mixed",
+                          extra_env=lambda i: {"TOUCHSTREAM_ENGINE__SHARDS": "32"} if i else {})
+    assert all(rc not in (0, -9) for rc, _, _ in procs), [rc for rc, _, _ in procs]
+    said = "".join(err for _, _, err in procs)
+    assert "every process of a cluster needs the same engine.shards" in said

@@ -13,7 +13,15 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from flows.aggregates import shard_key
 from flows.codec import json_dumps
 from flows.engine import EngineConfig, ShardEngine, shard_of
-from flows.experience import LiveIntake, Outputs, ShardBatch, ShardRouter, build_flow
+from flows.experience import (
+    LiveIntake,
+    Outputs,
+    ShardBatch,
+    ShardCountError,
+    ShardRouter,
+    _ShardLogic,
+    build_flow,
+)
 from flows.model import DEFAULT_LIMITS, DeadLetter, Envelope, Profile, RawRecord
 from flows.rules import load_default_rules
 from flows.runner import tune_gc
@@ -228,6 +236,26 @@ def test_shard_batches_and_profiles_pickle_round_trip_for_the_exchange() -> None
         back = pickle.loads(pickle.dumps(batch))
         assert back.records == batch.records
         assert dict(back.profiles) == dict(batch.profiles)
+        assert back.shards == batch.shards == 8
+
+
+def test_a_shard_refuses_records_routed_with_another_shard_count() -> None:
+    """A cluster whose processes were started with different ``engine.shards`` fails at
+    the first batch one process routes to a shard of the other, instead of splitting
+    customers' state between two shards."""
+    eng = ShardEngine(-1, load_default_rules(), InMemoryProfileStore(), EngineConfig(shards=8))
+    intake = LiveIntake(DEFAULT_LIMITS, lateness_ms=300_000, horizon_ms=86_400_000,
+                        skew_ms=3_600_000)
+    logic = _ShardLogic(eng, intake, lambda: NOW, 60_000, recovery=False)
+    records = [rec(calls("c1"), key=b"c1")]
+    [(_, other)] = ShardRouter(16, DEFAULT_LIMITS)(records)
+    with pytest.raises(ShardCountError, match=r"engine.shards = 8 got records routed with "
+                                              r"engine.shards = 16"):
+        logic.on_batch([other])
+    assert eng.customers == {}  # nothing of that batch was applied
+    [(_, same)] = ShardRouter(8, DEFAULT_LIMITS)(records)
+    logic.on_batch([same])
+    assert list(eng.customers) == ["c1"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable
 from contextlib import redirect_stderr
 from datetime import timedelta
@@ -263,6 +264,20 @@ def test_recovery_dir_is_made_on_first_start_and_kept(tmp_path: Path) -> None:
                           recovery={"dir": d})
     with pytest.raises(RecoveryDirError, match="give this run its own --recovery-dir"):
         prepare_recovery(other)
+    # So are snapshots of customers in another number of shards (their state would
+    # stay in the old shard while their events went to another).
+    resharded = load_settings(mode="live", kafka={"brokers": "127.0.0.1:1"},
+                              recovery={"dir": d}, engine={"shards": 128})
+    with pytest.raises(RecoveryDirError, match=r"in 64 shards.*--shards 64"):
+        prepare_recovery(resharded)
+    # A file written before the count was noted gets this run's count.
+    made = d / "touchstream-inputs.json"
+    topics = json.loads(made.read_text())["input_topics"]
+    made.write_text(json.dumps({"input_topics": topics}))
+    assert prepare_recovery(resharded) is not None
+    assert json.loads(made.read_text()) == {"input_topics": topics, "shards": 128}
+    with pytest.raises(RecoveryDirError, match=r"in 128 shards.*--shards 128"):
+        prepare_recovery(kafka)
     # Off without Kafka (demo) and when disabled.
     assert prepare_recovery(load_settings(mode="live", recovery={"dir": d})) is None
     off = load_settings(mode="live", kafka={"brokers": "x:1"},
