@@ -49,8 +49,7 @@ from state.guards import InMemoryQuotaStore, QuotaStore
 from state.profiles import ProfileStore
 
 __all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardBatch", "ShardCountError", "ShardRouter",
-           "build_flow",
-           "live_time_check", "system_now_ms"]
+           "build_flow", "live_time_check", "system_now_ms"]
 
 RETAIN = False
 
