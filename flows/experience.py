@@ -143,11 +143,16 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         eng = self.engine
         if self.intake is not None:
             shards = self.shards
+            update = False
             for v in values:  # per group, not per record
-                if type(v) is ShardBatch and v.shards != shards:
-                    _shard_count_differs(shards, v.shards)
+                t = type(v)
+                if t is ShardBatch:
+                    if v.shards != shards:
+                        _shard_count_differs(shards, v.shards)
+                elif t is RulesUpdate:
+                    update = True
             now = self.now_ms()
-            if any(type(v) is RulesUpdate for v in values):  # per group, not per record
+            if update:
                 self._live_with_updates(values, now, out)
             else:
                 eng.on_live_batch(self.intake([b.records for b in values], now, out), now, out,
