@@ -24,7 +24,6 @@ per process by digest) and applies once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from flows.codec import DecodeError, EncodeError, json_dumps, json_loads
-from flows.rules import MAX_RULES_FILE_BYTES, RulesError, RuleSet, parse_rules
+from flows.rules import MAX_RULES_FILE_BYTES, RulesError, RuleSet, doc_digest, parse_rules
 
 __all__ = [
     "ActiveRules",
@@ -70,11 +69,6 @@ def normalise_doc(doc: Any, origin: str) -> dict[str, Any]:
         raise RulesError([f"{origin}: not plain JSON data: {exc}"]) from None
     assert isinstance(plain, dict)
     return plain
-
-
-def doc_digest(doc: dict[str, Any]) -> str:
-    """A short, stable digest of a rule set document (sorted-key JSON, SHA-256)."""
-    return hashlib.sha256(json_dumps(doc)).hexdigest()[:16]
 
 
 def parse_rules_text(data: bytes | str, origin: str) -> dict[str, Any]:

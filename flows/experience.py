@@ -21,7 +21,7 @@ from bytewax.outputs import FixedPartitionedSink, Sink
 from connectors.wrapped import with_partitions_of
 from flows import metrics
 from flows.aggregates import FrictionEngine, Sequencer, StatsEngine, rule_campaigns, shard_key
-from flows.codec import pack, unpack
+from flows.codec import json_dumps, pack, unpack
 from flows.control import RulesStatus, RulesUpdate, compile_update
 from flows.engine import (
     NO_PROFILES,
@@ -48,8 +48,9 @@ from flows.settings import Settings
 from state.guards import InMemoryQuotaStore, QuotaStore
 from state.profiles import ProfileStore
 
-__all__ = ["LiveIntake", "Outputs", "RulesApplied", "ShardBatch", "ShardCountError", "ShardRouter",
-           "build_flow", "live_time_check", "system_now_ms"]
+__all__ = ["ClusterTerms", "ClusterTermsError", "LiveIntake", "Outputs", "RulesApplied",
+           "ShardBatch", "ShardCountError", "ShardRouter", "build_flow", "live_time_check",
+           "system_now_ms"]
 
 RETAIN = False
 
@@ -126,9 +127,12 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
 
     def __init__(self, engine: ShardEngine, intake: LiveIntake | None,
                  now_ms: Callable[[], int], stats_every_ms: int, recovery: bool,
-                 applied: RulesUpdate | None = None) -> None:
+                 applied: RulesUpdate | None = None, terms: ClusterTerms | None = None) -> None:
         self.engine = engine
         self.shards = engine.config.shards
+        # what the routers of every process must agree with (None: only shards checked)
+        self.terms = terms
+        self.terms_digest = terms.digest if terms is not None else 0
         self.applied = applied  # the last rule change this shard took (None: the start set)
         self.version = engine.rules.version
         self.recovery = recovery
@@ -142,13 +146,13 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
         out: list[Any] = []
         eng = self.engine
         if self.intake is not None:
-            shards = self.shards
+            shards, digest = self.shards, self.terms_digest
             update = False
             for v in values:  # per group, not per record
                 t = type(v)
                 if t is ShardBatch:
-                    if v.shards != shards:
-                        _shard_count_differs(shards, v.shards)
+                    if v.shards != shards or v.terms != digest:
+                        self._refuse(v)
                 elif t is RulesUpdate:
                     update = True
             now = self.now_ms()
@@ -168,6 +172,12 @@ class _ShardLogic(StatefulBatchLogic[Any, Any, bytes]):
             else:
                 eng.buffer_event(v)
         return out, RETAIN
+
+    def _refuse(self, batch: ShardBatch) -> NoReturn:
+        """A batch routed by a process that does not share this one's cluster terms."""
+        if batch.shards != self.shards:
+            _shard_count_differs(self.shards, batch.shards)
+        _terms_differ(self.terms, self.terms_digest, batch.terms)
 
     def _live_with_updates(self, values: list[Any], now: int, out: list[Any]) -> None:
         """Groups before a rule change run with the old set, groups after with the new."""
@@ -368,24 +378,81 @@ class ShardBatch:
     another process than the router, whose profile cache the router's read warmed
     (on 2 processes, about half of them do).
 
-    ``shards`` is the router's ``engine.shards``: the shard checks it against its own,
-    since a cluster whose processes disagree would split customers' state.
+    ``shards`` is the router's ``engine.shards`` and ``terms`` the digest of its
+    process's :class:`ClusterTerms`: the shard checks both against its own, since a
+    cluster whose processes disagree would split customers' state (shards) or decide
+    for them by different settings and rules depending on where their shard runs.
     """
 
     records: list[RawRecord]
     profiles: Mapping[str, Profile]
     shards: int
+    terms: int = 0
 
     def __reduce__(self) -> tuple[type[ShardBatch],
-                                  tuple[list[RawRecord], dict[str, Profile], int]]:
+                                  tuple[list[RawRecord], dict[str, Profile], int, int]]:
         # Pickled when the shard runs in another process (the empty map is a proxy,
         # which does not pickle; a dict does).
-        return (ShardBatch, (self.records, dict(self.profiles), self.shards))
+        return (ShardBatch, (self.records, dict(self.profiles), self.shards, self.terms))
 
 
-class ShardCountError(RuntimeError):
+@dataclass(frozen=True, slots=True)
+class ClusterTerms:
+    """What every process of a cluster must agree on: the settings its shards and
+    router decide with, and the rule set it starts with (its version and document
+    digest; rule changes while running reach every shard through the routers, in order).
+
+    ``digest`` (CRC-32 of the sorted-key JSON of ``values``, the same in every process)
+    travels with each :class:`ShardBatch`; ``str()`` is the line each process logs at
+    start, to compare.
+    """
+
+    values: Mapping[str, Any]
+    digest: int
+
+    @classmethod
+    def of(cls, settings: Settings, rules: RuleSet) -> ClusterTerms:
+        """The terms of a process with these settings, starting with ``rules``."""
+        es = settings.engine
+        values: dict[str, Any] = {
+            "engine.shards": es.shards,
+            "engine.allowed_lateness_s": es.allowed_lateness_s,
+            "engine.history_horizon_s": es.history_horizon_s,
+            "engine.max_clock_skew_s": es.max_clock_skew_s,
+            "engine.max_message_bytes": es.max_message_bytes,
+            "engine.max_attrs_bytes": es.max_attrs_bytes,
+            "engine.idle_ttl_s": es.idle_ttl_s,
+            "engine.session_idle_s": es.session_idle_s,
+            "engine.conversion_window_s": es.conversion_window_s,
+            "engine.sweep_interval_s": es.sweep_interval_s,
+            "rules": f"version {rules.version}, digest {rules.digest or '-'}",
+        }
+        return cls(values, zlib.crc32(json_dumps(values)))
+
+    def __str__(self) -> str:
+        listed = ", ".join(f"{k} = {v}" for k, v in self.values.items())
+        return f"{self.digest:08x} ({listed})"
+
+
+class ClusterTermsError(RuntimeError):
+    """A shard received records routed by a process with other :class:`ClusterTerms`:
+    the processes of a cluster were started with different settings or rules."""
+
+
+class ShardCountError(ClusterTermsError):
     """A shard received records routed with another ``engine.shards`` than its own:
     the processes of a cluster were started with different settings."""
+
+
+def _terms_differ(here: ClusterTerms | None, digest: int, routed: int) -> NoReturn:
+    msg = (f"a shard got records routed by a process with other cluster terms ({routed:08x} "
+           f"there, {digest:08x} here): every process of a cluster must run with the same "
+           "engine settings and rules file, or a customer's pushes would depend on which "
+           "process holds their shard; this process has "
+           f"{here if here is not None else 'no terms'}; compare the 'cluster terms' line "
+           "each process logs at start, then start every process with the same values")
+    log.error("%s", msg)  # logged as well as raised: see _shard_count_differs
+    raise ClusterTermsError(msg)
 
 
 def _shard_count_differs(here: int, routed: int) -> NoReturn:
@@ -446,6 +513,8 @@ class ShardRouter:
     profiles: ProfileStore | None = None
     clicks_source: str | None = None
     control: bool = False
+    terms: int = 0
+    """The digest of this process's :class:`ClusterTerms`, carried by every batch."""
 
     def __call__(self, records: list[Any]) -> list[tuple[str, Any]]:
         """``[(shard key, ShardBatch | RulesUpdate), ...]``, and with ``control``
@@ -470,7 +539,7 @@ class ShardRouter:
 
     def route(self, records: list[RawRecord]) -> list[tuple[str, Any]]:
         """Raw records only: ``[(shard key, ShardBatch of that shard), ...]``."""
-        shards = self.shards
+        shards, terms = self.shards, self.terms
         groups: dict[int, list[RawRecord]] = {}
         crc32 = zlib.crc32
         clicks = self.clicks_source if self.profiles is not None else None
@@ -495,7 +564,7 @@ class ShardRouter:
             else:
                 g.append(rec)
         if not wanted:
-            return [(shard_key(s), ShardBatch(g, NO_PROFILES, shards))
+            return [(shard_key(s), ShardBatch(g, NO_PROFILES, shards, terms))
                     for s, g in groups.items()]
         assert self.profiles is not None
         read = self.profiles.prefetch([cid for _, cid in wanted])
@@ -508,7 +577,7 @@ class ShardRouter:
                     held[s] = {cid: p}
                 else:
                     h[cid] = p
-        return [(shard_key(s), ShardBatch(g, held.get(s, NO_PROFILES), shards))
+        return [(shard_key(s), ShardBatch(g, held.get(s, NO_PROFILES), shards, terms))
                 for s, g in groups.items()]
 
 
@@ -642,6 +711,9 @@ def build_flow(
 
     intake = LiveIntake(limits, lateness_ms, horizon_ms, skew_ms) if live else None
     quotas: QuotaStore = quota if quota is not None else InMemoryQuotaStore()
+    terms = ClusterTerms.of(settings, rules)
+    if live and es.addresses:  # one line per process, to compare when they disagree
+        log.info("cluster terms %s", terms)
 
     def decode(rec: RawRecord) -> Envelope | DeadLetter:
         return decode_record(rec, limits)
@@ -651,7 +723,7 @@ def build_flow(
         rs, applied = _restore_rules(st, rules)
         # with a recovery store, each epoch's snapshot re-packs only the changed customers
         eng = ShardEngine(-1, rs, profiles, config, st, quota=quotas, incremental=recovery)
-        return _ShardLogic(eng, intake, now_ms, stats_ms, recovery, applied)
+        return _ShardLogic(eng, intake, now_ms, stats_ms, recovery, applied, terms)
 
     def friction_builder(state: bytes | None) -> _FrictionLogic:
         st = unpack(state) if state else None
@@ -674,7 +746,7 @@ def build_flow(
     dead: Stream[Any]
     if live:
         router = ShardRouter(es.shards, limits, profiles, f"{settings.kafka.clicks_topic}/",
-                             control=control is not None)
+                             control=control is not None, terms=terms.digest)
         keyed = op.flat_map_batch("route_to_shards", raw, router)
         # keyed: (shard key, [RawRecord, ...]): decoded by the shard, applied on arrival;
         # with control, each RulesUpdate to every shard key in its place in the batch,

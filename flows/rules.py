@@ -13,6 +13,7 @@ checked and compiled once here, evaluated only when the trigger fires; see
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from pydantic import (
 )
 
 from flows.cel import Condition, compile_condition
+from flows.codec import EncodeError, json_dumps
 
 __all__ = [
     "DEFAULT_RULES_RESOURCE",
@@ -44,6 +46,7 @@ __all__ = [
     "Rule",
     "RuleSet",
     "RulesError",
+    "doc_digest",
     "load_default_rules",
     "load_rules",
     "parse_duration_ms",
@@ -473,7 +476,8 @@ class Guards:
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     """The active rules, indexed by trigger kind; ``timezone`` is where conditions read
-    ``context.hour``, ``minute`` and ``weekday``."""
+    ``context.hour``, ``minute`` and ``weekday``; ``digest`` is the :func:`doc_digest`
+    of the document it was compiled from (empty for a set built in code)."""
 
     version: int
     rules: tuple[Rule, ...]
@@ -481,6 +485,7 @@ class RuleSet:
     source: str = "<memory>"
     by_kind: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
     timezone: str = "UTC"
+    digest: str = ""
 
     @classmethod
     def of(
@@ -490,13 +495,14 @@ class RuleSet:
         guards: Guards,
         source: str,
         timezone: str = "UTC",
+        digest: str = "",
     ) -> RuleSet:
         """Build a rule set and its index by trigger kind."""
         idx: dict[str, list[Rule]] = {}
         for r in rules:
             idx.setdefault(r.kind, []).append(r)
         return cls(version, rules, guards, source, {k: tuple(v) for k, v in idx.items()},
-                   timezone)
+                   timezone, digest)
 
     def of_kind(self, kind: str) -> tuple[Rule, ...]:
         """The rules with this trigger kind (empty tuple if none)."""
@@ -628,6 +634,12 @@ def _compile_campaign(m: RuleModel, timezone: str) -> Campaign | None:
     )
 
 
+def doc_digest(doc: dict[str, Any]) -> str:
+    """A short, stable digest of a rule set document (sorted-key JSON, SHA-256): the same
+    document gives the same digest in every process (no hash seed in it)."""
+    return hashlib.sha256(json_dumps(doc)).hexdigest()[:16]
+
+
 def parse_rules(doc: Any, source: str = "<memory>") -> RuleSet:
     """Validate a parsed rules document; raise :class:`RulesError` with every problem."""
     errors: list[str] = []
@@ -662,7 +674,11 @@ def parse_rules(doc: Any, source: str = "<memory>") -> RuleSet:
         raise RulesError(errors)
     g = fm.guards
     guards = Guards(g.max_pushes_per_customer, g.cap_window, g.respect_opt_out)
-    return RuleSet.of(fm.version, tuple(rules), guards, source, fm.timezone)
+    try:
+        digest = doc_digest(doc)
+    except EncodeError:  # YAML types JSON has not (sets): rule changes refuse such a file
+        digest = ""
+    return RuleSet.of(fm.version, tuple(rules), guards, source, fm.timezone, digest)
 
 
 def load_rules(path: str | Path) -> RuleSet:

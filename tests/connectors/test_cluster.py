@@ -311,13 +311,21 @@ def test_two_processes_push_and_alert_exactly_like_one(
     assert two["dead"] == one["dead"]
 
 
-def test_a_cluster_whose_processes_disagree_on_shards_stops_and_says_why(
-    tansu: str, tansu_topic: Callable[..., str], redis_url: str, tmp_path: Path
+@pytest.mark.parametrize(("env", "said_here"), [
+    ({"TOUCHSTREAM_ENGINE__SHARDS": "32"},
+     "every process of a cluster needs the same engine.shards"),
+    ({"TOUCHSTREAM_ENGINE__ALLOWED_LATENESS_S": "60"},
+     "a shard got records routed by a process with other cluster terms"),
+], ids=["shards", "lateness"])
+def test_a_cluster_whose_processes_disagree_stops_and_says_why(
+    tansu: str, tansu_topic: Callable[..., str], redis_url: str, tmp_path: Path,
+    env: dict[str, str], said_here: str,
 ) -> None:
-    """Process 1 started with ``engine.shards = 32``, process 0 with the default 64:
-    one customer's events would be applied by two shards. The cluster stops at the
+    """Process 1 started with ``engine.shards = 32`` (or another lateness), process 0
+    with the default: one customer's events would be applied by two shards (or decided
+    by other settings depending on where their shard runs). The cluster stops at the
     first batch routed across, with a message saying what to fix, instead of running
-    with split state."""
+    on."""
     inputs = {kind: tansu_topic(3) for kind in ("clicks", "location", "calls")}
     t = time.time_ns() // 1_000_000
     producer = Producer({"bootstrap.servers": tansu, "linger.ms": 1})
@@ -330,7 +338,7 @@ def test_a_cluster_whose_processes_disagree_on_shards_stops_and_says_why(
     base_url = redis_url.rsplit("/", 1)[0]
     procs = run_processes(2, tansu, f"{base_url}/3", topics, write_rules(tmp_path / "r.yaml"),
                           tmp_path, "mixed",
-                          extra_env=lambda i: {"TOUCHSTREAM_ENGINE__SHARDS": "32"} if i else {})
+                          extra_env=lambda i: env if i else {})
     assert all(rc not in (0, -9) for rc, _, _ in procs), [rc for rc, _, _ in procs]
     said = "".join(err for _, _, err in procs)
-    assert "every process of a cluster needs the same engine.shards" in said
+    assert said_here in said

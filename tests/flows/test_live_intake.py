@@ -4,7 +4,10 @@ profiles prefetched once per batch; and the live flow end to end on 1 and 2 work
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,8 @@ from flows.aggregates import shard_key
 from flows.codec import json_dumps
 from flows.engine import EngineConfig, ShardEngine, shard_of
 from flows.experience import (
+    ClusterTerms,
+    ClusterTermsError,
     LiveIntake,
     Outputs,
     ShardBatch,
@@ -23,12 +28,13 @@ from flows.experience import (
     build_flow,
 )
 from flows.model import DEFAULT_LIMITS, DeadLetter, Envelope, Profile, RawRecord
-from flows.rules import load_default_rules
+from flows.rules import RuleSet, load_default_rules, parse_rules
 from flows.runner import tune_gc
 from flows.settings import Settings
 from state.profiles import InMemoryProfileStore
 
 NOW = 1_790_000_000_000
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rec(doc: dict[str, Any] | bytes, *, key: bytes | None = None, source: str = "net.calls/0",
@@ -237,6 +243,11 @@ def test_shard_batches_and_profiles_pickle_round_trip_for_the_exchange() -> None
         assert back.records == batch.records
         assert dict(back.profiles) == dict(batch.profiles)
         assert back.shards == batch.shards == 8
+        assert back.terms == batch.terms == 0
+    terms = ClusterTerms.of(Settings(), load_default_rules()).digest
+    [(_, batch)] = ShardRouter(8, DEFAULT_LIMITS, terms=terms)([click_rec("a")])
+    assert batch.terms == terms != 0
+    assert pickle.loads(pickle.dumps(batch)).terms == terms
 
 
 def test_a_shard_refuses_records_routed_with_another_shard_count() -> None:
@@ -256,6 +267,90 @@ def test_a_shard_refuses_records_routed_with_another_shard_count() -> None:
     [(_, same)] = ShardRouter(8, DEFAULT_LIMITS)(records)
     logic.on_batch([same])
     assert list(eng.customers) == ["c1"]
+
+
+def _rules_with_help_after(dwell: str) -> RuleSet:
+    import yaml
+
+    from flows.rules import DEFAULT_RULES_RESOURCE
+
+    doc = yaml.safe_load((ROOT / "flows" / DEFAULT_RULES_RESOURCE).read_text())
+    for r in doc["rules"]:
+        if r["id"] == "help-sprite":
+            r["trigger"]["dwell"] = dwell
+    return parse_rules(doc)
+
+
+@pytest.mark.parametrize("change", [
+    {"engine": {"shards": 32}},
+    {"engine": {"allowed_lateness_s": 60}},
+    {"engine": {"history_horizon_s": 3600}},
+    {"engine": {"max_clock_skew_s": 1}},
+    {"engine": {"max_message_bytes": 1024}},
+    {"engine": {"max_attrs_bytes": 512}},
+    {"engine": {"idle_ttl_s": 3600}},
+    {"engine": {"session_idle_s": 60}},
+    {"engine": {"conversion_window_s": 60}},
+    {"engine": {"sweep_interval_s": 60}},
+    "rules",
+])
+def test_cluster_terms_change_with_every_setting_shards_decide_by(change: Any) -> None:
+    rules = load_default_rules()
+    base = ClusterTerms.of(Settings(), rules)
+    if change == "rules":
+        other = ClusterTerms.of(Settings(), _rules_with_help_after("10m"))
+        assert other.values["rules"] != base.values["rules"]
+    else:
+        other = ClusterTerms.of(Settings(**change), rules)
+    assert other.digest != base.digest
+    assert ClusterTerms.of(Settings(), load_default_rules()) == base
+    # what a cluster's processes may differ in is not in them
+    assert ClusterTerms.of(Settings(engine={"workers": 2, "process_id": 1,
+                                            "addresses": ["a:1", "b:2"],
+                                            "epoch_interval_s": 2.0}), rules) == base
+
+
+def test_cluster_terms_digest_is_the_same_in_another_process() -> None:
+    """The digest crosses processes: no hash seed may reach it (a frozenset's order would)."""
+    here = ClusterTerms.of(Settings(), load_default_rules())
+    code = ("from flows.experience import ClusterTerms; from flows.settings import Settings; "
+            "from flows.rules import load_default_rules; "
+            "print(ClusterTerms.of(Settings(), load_default_rules()).digest)")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={"PYTHONHASHSEED": seed}, cwd=ROOT)
+        assert int(out.stdout) == here.digest
+    assert str(here).startswith(f"{here.digest:08x} (engine.shards = 64, ")
+    assert f"rules = version {here.values['rules'].split()[1]}" in str(here)
+
+
+def test_a_shard_refuses_records_routed_by_a_process_with_other_cluster_terms() -> None:
+    """Processes of one cluster started with another lateness (or limits, windows, rules
+    file) would decide for a customer differently depending on which process holds the
+    shard: the first batch routed across stops the cluster, naming this side's terms."""
+    rules = load_default_rules()
+    settings = Settings()
+    here = ClusterTerms.of(settings, rules)
+    there = ClusterTerms.of(Settings(engine={"allowed_lateness_s": 60}), rules)
+    eng = ShardEngine(-1, rules, InMemoryProfileStore(), EngineConfig(shards=64))
+    intake = LiveIntake(DEFAULT_LIMITS, lateness_ms=300_000, horizon_ms=86_400_000,
+                        skew_ms=3_600_000)
+    logic = _ShardLogic(eng, intake, lambda: NOW, 60_000, recovery=False, terms=here)
+    records = [rec(calls("c1"), key=b"c1")]
+    [(_, other)] = ShardRouter(64, DEFAULT_LIMITS, terms=there.digest)(records)
+    with pytest.raises(ClusterTermsError, match="other cluster terms") as err:
+        logic.on_batch([other])
+    assert "engine.allowed_lateness_s = 300.0" in str(err.value)
+    assert f"{there.digest:08x} there, {here.digest:08x} here" in str(err.value)
+    assert not isinstance(err.value, ShardCountError)
+    assert eng.customers == {}  # nothing of that batch was applied
+    [(_, same)] = ShardRouter(64, DEFAULT_LIMITS, terms=here.digest)(records)
+    logic.on_batch([same])
+    assert list(eng.customers) == ["c1"]
+    # another shard count says so, whatever else differs
+    [(_, fewer)] = ShardRouter(32, DEFAULT_LIMITS, terms=there.digest)(records)
+    with pytest.raises(ShardCountError, match=r"engine\.shards = 32"):
+        logic.on_batch([fewer])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
