@@ -11,14 +11,20 @@ with the broker's CPU use in the same window. Each variant gets a fresh broker (
 batches from an earlier variant would change the answer).
 
 Variants: three topics of 3 partitions (what ``touchstream topics create`` makes) and of
-1 partition. Tansu's memory storage lists every stored batch object of a partition on each
-fetch that finds data (``tansu-storage/src/dynostore.rs``, ``fetch``, as its source
+1 partition, each read with one consumer per partition as the engine reads them; and the
+3-partition topics read by one consumer ``assign()``-ed all nine partitions (one fetch
+request per broker instead of one per partition: what a shared consumer in
+``KafkaInput`` would do, tried and reverted, bench/README.md).
+
+Tansu's memory storage lists every stored batch object of a partition on each fetch
+that finds data (``tansu-storage/src/dynostore.rs``, ``fetch``, as its source
 reads), so a fetch costs O(batches stored in the partition): the cost grows with the
 run's length and with the number of partitions the same events are spread over (each
 holds as many batches: a producer with ``linger.ms=5`` closes about one batch per
 partition per 5 ms). A Kafka broker finds the fetch position through an offset index.
 
-Not in the default ``make bench`` (3 runs take ~6 min): ``python -m bench broker_fetch``.
+Not in the default ``make bench`` (3 runs took 498 s on 2026-11-25):
+``python -m bench broker_fetch``.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ PART = "broker_fetch"
 WINDOW_S = 10.0
 FULL = {"rate": 5000, "seconds": 45.0}
 QUICK = {"rate": 300, "seconds": 4.0}
-VARIANTS = (3, 1)  # partitions per topic
+# (partitions per topic, one consumer for all of them instead of one per partition)
+VARIANTS = ((3, False), (1, False), (3, True))
 TOPICS = ("bf.clicks", "bf.location", "bf.calls")
 
 
@@ -64,18 +71,18 @@ def _produce(brokers: str, partitions: int, rate: int, seconds: float) -> None:
     producer.flush(30)
 
 
-def _consume(brokers: str, partitions: int, seconds: float, out: Any) -> None:
+def _consume(brokers: str, partitions: int, shared: bool, seconds: float, out: Any) -> None:
     from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
 
     from connectors.kafka import KafkaInput  # noqa: PLC0415
 
     config = KafkaInput(brokers, dict.fromkeys(TOPICS, "json")).consumer_config()
+    tps = [TopicPartition(topic, p, 0) for topic in TOPICS for p in range(partitions)]
     consumers = []
-    for topic in TOPICS:
-        for p in range(partitions):
-            c = Consumer(config)
-            c.assign([TopicPartition(topic, p, 0)])
-            consumers.append(c)
+    for group in ([tps] if shared else [[tp] for tp in tps]):
+        c = Consumer(config)
+        c.assign(group)
+        consumers.append(c)
     out.put("ready")
     lat: list[float] = []
     t0 = window = time.monotonic()
@@ -101,9 +108,15 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def _variant(work: Path, partitions: int, rate: int, seconds: float) -> list[dict[str, float]]:
-    """One fresh broker, one run: per-window latency and broker CPU."""
-    broker = start_tansu(work / f"tansu-{partitions}p")
+def _label(partitions: int, shared: bool) -> str:
+    label = f"3 topics x {partitions} partition{'s' if partitions > 1 else ''}"
+    return f"{label}, one consumer" if shared else label
+
+
+def _variant(work: Path, partitions: int, shared: bool, rate: int,
+             seconds: float) -> list[dict[str, float]]:
+    """One fresh broker, one run: per-window latency, records and broker CPU."""
+    broker = start_tansu(work / f"tansu-{partitions}p{'-shared' if shared else ''}")
     try:
         from confluent_kafka.admin import AdminClient, NewTopic  # noqa: PLC0415
 
@@ -115,22 +128,24 @@ def _variant(work: Path, partitions: int, rate: int, seconds: float) -> list[dic
         q = spawn.Queue()
         drain = 8.0 if seconds > 10 else 2.0  # consume on after the last send
         consumer = spawn.Process(target=_consume,
-                                 args=(broker.address, partitions, seconds + drain, q))
+                                 args=(broker.address, partitions, shared, seconds + drain,
+                                       q))
         consumer.start()
         assert q.get(timeout=60) == "ready"
         producer = spawn.Process(target=_produce,
                                  args=(broker.address, partitions, rate, seconds))
         producer.start()
         windows: list[dict[str, float]] = []
-        cpu0, t_prev = cpu_s(broker.proc.pid), time.monotonic()
+        cpu0, t_prev, at_prev = cpu_s(broker.proc.pid), time.monotonic(), 0.0
         while (item := q.get(timeout=seconds + 120)) is not None:
             at, lat = item
             cpu1, t_now = cpu_s(broker.proc.pid), time.monotonic()
             windows.append({"t_s": round(at, 1), "records": len(lat),
+                            "records_per_s": round(len(lat) / max(at - at_prev, 1e-6)),
                             "p50_ms": round(_pct(lat, 0.5), 1),
                             "p99_ms": round(_pct(lat, 0.99), 1),
                             "broker_cores": round((cpu1 - cpu0) / max(t_now - t_prev, 1e-6), 2)})
-            cpu0, t_prev = cpu1, t_now
+            cpu0, t_prev, at_prev = cpu1, t_now, at
         producer.join(60)
         consumer.join(60)
         return windows
@@ -169,9 +184,9 @@ def run(ctx: BenchContext) -> PartResult:
     result = PartResult(PART)
     series: dict[str, list[dict[str, float]]] = {}
     for i in range(runs):
-        for parts in VARIANTS:
-            windows = _variant(ctx.work_dir / f"run{i}", parts, rate, seconds)
-            label = f"3 topics x {parts} partition{'s' if parts > 1 else ''}"
+        for parts, shared in VARIANTS:
+            windows = _variant(ctx.work_dir / f"run{i}", parts, shared, rate, seconds)
+            label = _label(parts, shared)
             result.extra.setdefault(label, []).append(windows)
             series.setdefault(label, windows)
             full = [w for w in windows if w["records"]]
@@ -190,6 +205,11 @@ def run(ctx: BenchContext) -> PartResult:
                               higher_is_better=False).values.append(w["broker_cores"])
             result.figure(f"records consumed {at}", "records").values.append(
                 sum(w["records"] for w in windows))
+            # The sending window that ended last: a consumer still reading at the
+            # producer's pace there kept up; one at 0 has stopped reading.
+            sending = [w for w in windows if w["t_s"] <= seconds] or windows
+            result.figure(f"records consumed per s, last sending window {at}",
+                          "records/s").values.append(sending[-1]["records_per_s"])
     plot = ctx.results_path(PART, "-windows.png")
     _plot(plot, series)
     result.plots.append(plot)
