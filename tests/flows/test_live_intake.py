@@ -310,6 +310,17 @@ def test_cluster_terms_change_with_every_setting_shards_decide_by(change: Any) -
                                             "epoch_interval_s": 2.0}), rules) == base
 
 
+def test_cluster_terms_name_every_engine_config_field() -> None:
+    """A field added to EngineConfig (what every shard engine runs with) joins the terms,
+    or processes could disagree on it unseen."""
+    import dataclasses
+
+    keys = set(ClusterTerms.of(Settings(), load_default_rules()).values)
+    for f in dataclasses.fields(EngineConfig):
+        stem = f.name.removesuffix("_ms")
+        assert {f"engine.{stem}", f"engine.{stem}_s"} & keys, f.name
+
+
 def test_cluster_terms_digest_is_the_same_in_another_process() -> None:
     """The digest crosses processes: no hash seed may reach it (a frozenset's order would)."""
     here = ClusterTerms.of(Settings(), load_default_rules())
